@@ -1,0 +1,109 @@
+"""The one place that decides which backend runs the fused ops.
+
+Backends: "reference" (plain PyTorch, fastguide.reference), "cpp" (fastguide._C, CPU tensors),
+"cuda" (fastguide._C built with CUDA, CUDA tensors), "triton" (tritonkernels, CUDA tensors, or CPU
+tensors under TRITON_INTERPRET=1).  "auto" picks, per device, the fastest one available.
+"""
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+NAMES = ("reference", "cpp", "triton", "cuda")
+_warned = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension():
+    """Imports fastguide._C once; returns (loaded, reason)."""
+    try:
+        importlib.import_module("fastguide._C")
+    except ImportError as exc:
+        return False, f"fastguide._C is not built ({exc}); run scripts/test.sh or `python setup.py build_ext --inplace`"
+    return True, ""
+
+
+def _has_op(name, dispatch_key):
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastguide::{name}", dispatch_key)
+    except RuntimeError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _availability(name):
+    """(available, reason) for one backend, independent of the device."""
+    if name == "reference":
+        return True, "plain PyTorch"
+    if name in ("cpp", "cuda"):
+        loaded, reason = _load_extension()
+        if not loaded:
+            return False, reason
+        key = "CPU" if name == "cpp" else "CUDA"
+        if not _has_op("guided_euler", key):
+            return False, f"fastguide._C has no {key} kernels" + (
+                " (torch was built without CUDA)" if name == "cuda" and torch.version.cuda is None else "")
+        if name == "cuda" and not torch.cuda.is_available():
+            return False, "no CUDA device"
+        return True, f"fastguide._C {key} kernels"
+    if name == "triton":
+        try:
+            importlib.import_module("tritonkernels")
+        except ImportError as exc:
+            return False, f"triton kernels unavailable ({exc})"
+        if torch.cuda.is_available():
+            return True, "Triton on CUDA"
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "Triton interpreter (TRITON_INTERPRET=1) on CPU tensors"
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)"
+    raise ValueError(name)
+
+
+def backends():
+    """What each backend is: {name: {"available": bool, "reason": str}}."""
+    return {name: dict(zip(("available", "reason"), _availability(name))) for name in NAMES}
+
+
+def check_name(backend, argument="backend"):
+    if backend != "auto" and backend not in NAMES:
+        raise ValueError(f"{argument} must be one of {('auto',) + NAMES}, got {backend!r}")
+
+
+def resolve(backend, device):
+    """The backend name that runs on `device` for a requested name ("auto" or one of NAMES)."""
+    check_name(backend)
+    device = torch.device(device)
+    if backend != "auto":
+        available, reason = _availability(backend)
+        if not available:
+            raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+        if backend == "cpp" and device.type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on CPU tensors, got device {device}")
+        if backend == "cuda" and device.type != "cuda":
+            raise ValueError(f"backend 'cuda' runs on CUDA tensors, got device {device}")
+        return backend
+    candidates = ("cuda", "triton") if device.type == "cuda" else ("cpp",) if device.type == "cpu" else ()
+    for name in candidates:
+        if _availability(name)[0]:
+            return name
+    if device.type not in _warned:
+        _warned.add(device.type)
+        reasons = "; ".join(f"{n}: {_availability(n)[1]}" for n in candidates) or "no fused backend for this device"
+        warnings.warn(f"fastguide: no fused backend for {device.type} tensors ({reasons}); using the reference backend",
+                      RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def implementation(name):
+    """The module whose guided_euler/guided_heun run backend `name` (all share one signature)."""
+    if name == "reference":
+        from fastguide import reference
+        return reference
+    if name in ("cpp", "cuda"):
+        from fastguide import _extension_ops
+        return _extension_ops
+    if name == "triton":
+        return importlib.import_module("tritonkernels")
+    raise ValueError(name)

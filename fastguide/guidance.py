@@ -1,0 +1,146 @@
+"""GuidedDenoiser: the main and the weak denoiser evaluated together, combined by guidance.
+
+A denoiser is a callable (x, sigma, labels) -> D(x) with sigma of shape [B].  GuidedDenoiser is
+itself such a denoiser (and accepts k-diffusion's model(x, sigma, **extra_args) call), so any
+sampler can use fastguide as its guidance backend.  fastguide.sample uses `predictions`, which
+returns the two predictions separately so that the fused ops combine them with the solver update.
+"""
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from fastguide import reference
+
+
+class DenoiserOutputError(RuntimeError):
+    """A denoiser returned a tensor of the wrong shape, dtype or device, or non-finite values."""
+
+
+def check_guidance(guidance, argument="guidance"):
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
+        raise TypeError(f"{argument} must be a real number, got {type(guidance).__name__}")
+    if not math.isfinite(guidance):
+        raise ValueError(f"{argument} must be finite, got {guidance}")
+    return float(guidance)
+
+
+def check_interval(guidance_interval):
+    if guidance_interval is None:
+        return None
+    try:
+        sigma_lo, sigma_hi = (float(v) for v in guidance_interval)
+    except (TypeError, ValueError):
+        raise TypeError(f"guidance_interval must be a pair (sigma_lo, sigma_hi), got {guidance_interval!r}") from None
+    if math.isnan(sigma_lo) or math.isnan(sigma_hi) or sigma_lo >= sigma_hi:
+        raise ValueError(f"guidance_interval must have sigma_lo < sigma_hi, got ({sigma_lo}, {sigma_hi})")
+    return sigma_lo, sigma_hi
+
+
+def check_labels(name, labels, batch):
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(labels).__name__}")
+    if labels.ndim == 0 or labels.shape[0] != batch:
+        raise ValueError(f"{name} has batch {tuple(labels.shape)[:1] or '()'}, expected the batch of x ({batch})")
+
+
+def check_output(name, out, x, check_finite=True, batch=None):
+    """Refuses a prediction that is not a finite tensor of x's shape (batch rows), dtype and device."""
+    shape = x.shape if batch is None else (batch, *x.shape[1:])
+    if not isinstance(out, torch.Tensor):
+        raise DenoiserOutputError(f"{name} returned {type(out).__name__}, expected a tensor")
+    if out.shape != shape:
+        raise DenoiserOutputError(f"{name} returned shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != x.dtype:
+        raise DenoiserOutputError(f"{name} returned dtype {out.dtype}, expected {x.dtype}")
+    if out.device != x.device:
+        raise DenoiserOutputError(f"{name} returned a tensor on {out.device}, expected {x.device}")
+    if check_finite and not bool(torch.isfinite(out).all()):
+        raise DenoiserOutputError(f"{name} returned non-finite values (NaN or inf)")
+    return out
+
+
+class GuidedDenoiser(nn.Module):
+    """D = D0 + w·(D1 − D0) with D1 = net(x, σ, labels) and D0 the guide's prediction.
+
+    guide given: D0 = guide(x, σ, guide_labels or labels) (autoguidance, or a separate
+    unconditional net).  guide None, guide_labels given: classifier-free guidance with one call of
+    net on the 2B batch [x; x] with [labels; guide_labels].  The guide is not evaluated when
+    guidance == 1 or σ is outside guidance_interval = (sigma_lo, sigma_hi] .
+    """
+
+    def __init__(self, net, guide=None, guidance=1.0, guide_labels=None, guidance_interval=None,
+                 strategy="auto", compile=False, check_finite=True, cast_outputs=False):
+        super().__init__()
+        if not callable(net):
+            raise TypeError(f"net must be callable, got {type(net).__name__}")
+        if guide is not None and not callable(guide):
+            raise TypeError(f"guide must be callable or None, got {type(guide).__name__}")
+        self.guidance = check_guidance(guidance)
+        if self.guidance != 1 and guide is None and guide_labels is None:
+            raise ValueError(f"guidance={self.guidance} needs a guide or guide_labels (CFG); got neither")
+        self.net, self.guide = net, guide
+        self.guide_labels = guide_labels
+        self.guidance_interval = check_interval(guidance_interval)
+        self.strategy = strategy
+        if compile:
+            raise NotImplementedError("compile=True is not implemented yet")
+        self.compile = compile
+        self.check_finite = check_finite
+        self.cast_outputs = cast_outputs
+        self.stats = {"net": 0, "guide": 0}
+
+    def reset_stats(self):
+        self.stats = {"net": 0, "guide": 0}
+
+    def guided_at(self, sigma):
+        """Whether the guide is evaluated at noise level sigma (a float)."""
+        return self.guidance != 1 and reference.in_interval(sigma, self.guidance_interval)
+
+    def _checked(self, name, out, x, batch=None):
+        if self.cast_outputs and isinstance(out, torch.Tensor):
+            out = out.to(x.dtype)
+        return check_output(name, out, x, self.check_finite, batch)
+
+    def _call_main(self, x, sigma, labels):
+        self.stats["net"] += 1
+        return self._checked("net", self.net(x, sigma, labels), x)
+
+    def _call_pair(self, x, sigma, labels):
+        """(d_main, d_guide) for one batch: one 2B call of net for CFG, else net and guide."""
+        self.stats["net"] += 1
+        self.stats["guide"] += 1
+        batch = x.shape[0]
+        if self.guide is None:
+            both_labels = None if labels is None else torch.cat([labels, self.guide_labels])
+            both = self.net(torch.cat([x, x]), torch.cat([sigma, sigma]), both_labels)
+            both = self._checked("net", both, x, batch=2 * batch)
+            return both[:batch], both[batch:]
+        guide_labels = labels if self.guide_labels is None else self.guide_labels
+        d_main = self._checked("net", self.net(x, sigma, labels), x)
+        d_guide = self._checked("guide", self.guide(x, sigma, guide_labels), x)
+        return d_main, d_guide
+
+    def predictions(self, x, sigma, labels=None):
+        """(d_main, d_guide) at the float noise level sigma; d_guide is None where the guide is skipped."""
+        check_labels("labels", labels, x.shape[0])
+        sigma_t = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+        if not self.guided_at(sigma):
+            return self._call_main(x, sigma_t, labels), None
+        return self._call_pair(x, sigma_t, labels)
+
+    def forward(self, x, sigma, labels=None, **extra_args):
+        """The guided D(x).  sigma: a float or a tensor of shape [], [1] or [B] (one noise level per call)."""
+        labels = extra_args.pop("class_labels", extra_args.pop("cond", labels)) if labels is None else labels
+        if extra_args:
+            raise TypeError(f"GuidedDenoiser got unexpected keyword arguments {sorted(extra_args)}")
+        if isinstance(sigma, torch.Tensor):
+            values = sigma.reshape(-1).tolist()
+            if any(v != values[0] for v in values):
+                raise ValueError("GuidedDenoiser needs one noise level per call; sigma holds several")
+            sigma = values[0]
+        d_main, d_guide = self.predictions(x, float(sigma), labels)
+        return reference.guide(d_main, d_guide, self.guidance)

@@ -1,0 +1,175 @@
+"""The guided EDM sampler (Karras et al. 2022) with guidance (CFG, autoguidance, interval).
+
+Per step: optional churn t_cur -> t_hat, one guided evaluation at t_hat and the fused Euler
+update; then (Heun, except on the last step) one guided evaluation at t_next and the fused
+correction.  Two x buffers and one deriv buffer are allocated once and passed as out=.
+"""
+import math
+import numbers
+
+import torch
+
+from fastguide import dispatch, ops, reference
+from fastguide.guidance import DenoiserOutputError, GuidedDenoiser, check_guidance, check_interval, check_labels
+
+SOLVERS = ("euler", "heun")
+
+
+def _check_real(name, value, *, minimum=None, strict=True, finite=True):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+    return value
+
+
+def check_sigmas(sigmas):
+    """A custom schedule: a finite, strictly decreasing 1-D tensor of noise levels ending in 0."""
+    if not isinstance(sigmas, torch.Tensor):
+        raise TypeError(f"sigmas must be a tensor, got {type(sigmas).__name__}")
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be a 1-D tensor of at least 2 noise levels, got shape {tuple(sigmas.shape)}")
+    values = sigmas.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("sigmas must be finite")
+    if values[-1] != 0:
+        raise ValueError(f"sigmas must end in 0, got {values[-1].item()}")
+    if not bool((values[1:] < values[:-1]).all()):
+        raise ValueError("sigmas must be strictly decreasing")
+    return values
+
+
+def schedule(num_steps, sigma_min, sigma_max, rho, sigmas=None):
+    """The noise levels t_0 > ... > t_{N-1} > t_N = 0 as a list of floats, validated."""
+    if sigmas is not None:
+        return check_sigmas(sigmas).tolist()
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    sigma_min = _check_real("sigma_min", sigma_min, minimum=0.0)
+    sigma_max = _check_real("sigma_max", sigma_max)
+    if sigma_min >= sigma_max:
+        raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    rho = _check_real("rho", rho, minimum=0.0)
+    return reference.edm_sigmas(int(num_steps), sigma_min, sigma_max, rho).tolist()
+
+
+def _check_noise(noise, dtype):
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got "
+                        f"{noise.dtype if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+    if noise.ndim < 1 or noise.shape[0] < 1:
+        raise ValueError(f"noise must have a batch dimension of at least 1, got shape {tuple(noise.shape)}")
+    if dtype not in ops.SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be one of {ops.SUPPORTED_DTYPES}, got {dtype}")
+
+
+def sample(net, noise, *, labels=None, guide=None, guide_labels=None, guidance=1.0, guidance_interval=None,
+           num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigmas=None, solver="heun",
+           S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, randn_like=None,
+           dtype=torch.float32, backend="auto", progress=False, callback=None, return_stats=False,
+           strategy="auto", compile=False):
+    """Draws samples from noise with the guided EDM sampler.
+
+    net, guide: denoisers (x, sigma[B], labels) -> D(x).  guidance=w: D = D0 + w·(D1 − D0).
+    guide_labels without guide: classifier-free guidance on one 2B batch of net.
+    Returns x, or (x, stats) with evaluations per sample of net and guide when return_stats.
+    strategy, compile: how net and guide are evaluated together (see GuidedDenoiser).
+    The callback's x and denoised are the sampler's buffers: clone them to keep them.
+    """
+    denoiser = _make_denoiser(net, guide, guidance, guide_labels, guidance_interval,
+                              dict(strategy=strategy, compile=compile))
+    return run_sampler(denoiser, noise, labels=labels, num_steps=num_steps, sigma_min=sigma_min,
+                       sigma_max=sigma_max, rho=rho, sigmas=sigmas, solver=solver, S_churn=S_churn,
+                       S_min=S_min, S_max=S_max, S_noise=S_noise, randn_like=randn_like, dtype=dtype,
+                       backend=backend, progress=progress, callback=callback, return_stats=return_stats)
+
+
+def _make_denoiser(net, guide, guidance, guide_labels, guidance_interval, options):
+    """Builds the GuidedDenoiser for sample(); options are GuidedDenoiser's extra keyword arguments."""
+    if not callable(net):
+        raise TypeError(f"net must be callable, got {type(net).__name__}")
+    if guide is not None and not callable(guide):
+        raise TypeError(f"guide must be callable or None, got {type(guide).__name__}")
+    check_guidance(guidance)
+    return GuidedDenoiser(net, guide, guidance=guidance, guide_labels=guide_labels,
+                          guidance_interval=guidance_interval, **options)
+
+
+def run_sampler(denoiser, noise, *, labels=None, num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                sigmas=None, solver="heun", S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0,
+                randn_like=None, dtype=torch.float32, backend="auto", progress=False, callback=None,
+                return_stats=False):
+    """The sampler loop over a GuidedDenoiser (validated before the first denoiser call)."""
+    _check_noise(noise, dtype)
+    batch = noise.shape[0]
+    check_labels("labels", labels, batch)
+    check_labels("guide_labels", denoiser.guide_labels, batch)
+    if denoiser.guide is None and denoiser.guide_labels is not None and labels is None:
+        raise ValueError("guide_labels (CFG with the same net) needs labels for the conditional half")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    t_steps = schedule(num_steps, sigma_min, sigma_max, rho, sigmas)
+    num_steps = len(t_steps) - 1
+    S_churn = _check_real("S_churn", S_churn, minimum=0.0, strict=False)
+    S_noise = _check_real("S_noise", S_noise)
+    S_min = _check_real("S_min", S_min, finite=False)
+    S_max = _check_real("S_max", S_max, finite=False)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    randn_like = torch.randn_like if randn_like is None else randn_like
+    if not callable(randn_like):
+        raise TypeError(f"randn_like must be callable, got {type(randn_like).__name__}")
+    dispatch.check_name(backend)
+    backend = dispatch.resolve(backend, noise.device)
+
+    denoiser.reset_stats()
+    guidance = denoiser.guidance
+    x_cur = noise.to(dtype) * t_steps[0]
+    x_next = torch.empty_like(x_cur)
+    deriv = torch.empty_like(x_cur)
+    steps = range(num_steps)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc="sampling", unit="step")
+    for i in steps:
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        gamma = reference.churn_gamma(t_cur, num_steps, S_churn, S_min, S_max)
+        t_hat = t_cur + gamma * t_cur
+        if gamma > 0:
+            x_cur.add_(randn_like(x_cur), alpha=math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise)
+        d_main, d_guide = _predict(denoiser, "Euler", i, x_cur, t_hat, labels)
+        ops.guided_euler(x_cur, d_main, d_guide, guidance, t_hat, t_next, out=x_next, deriv_out=deriv,
+                         backend=backend)
+        if solver == "heun" and i < num_steps - 1:
+            d_main, d_guide = _predict(denoiser, "Heun", i, x_next, t_next, labels)
+            ops.guided_heun(x_cur, deriv, d_main, d_guide, guidance, t_hat, t_next, out=x_next, backend=backend)
+        if callback is not None:
+            callback(dict(i=i, sigma=t_cur, sigma_hat=t_hat, sigma_next=t_next, x=x_next,
+                          denoised=x_cur - t_hat * deriv))
+        x_cur, x_next = x_next, x_cur
+    if return_stats:
+        stats = dict(denoiser.stats, steps=num_steps, solver=solver, backend=backend)
+        return x_cur, stats
+    return x_cur
+
+
+def _predict(denoiser, stage, i, x, sigma, labels):
+    try:
+        return denoiser.predictions(x, sigma, labels)
+    except DenoiserOutputError as exc:
+        raise DenoiserOutputError(f"step {i} ({stage} evaluation at sigma={sigma:.6g}): {exc}") from None
+
+
+def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
+                guidance=1, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1, dtype=torch.float32,
+                randn_like=torch.randn_like):
+    """Drop-in for EDM2's edm_sampler (same signature, defaults and results), on fastguide's fused ops.
+
+    Like EDM2, the networks' outputs are cast to dtype, and gnet is evaluated with the same labels."""
+    denoiser = GuidedDenoiser(net, gnet, guidance=guidance, cast_outputs=True)
+    return run_sampler(denoiser, noise, labels=labels, num_steps=num_steps, sigma_min=sigma_min,
+                       sigma_max=sigma_max, rho=rho, solver="heun", S_churn=S_churn, S_min=S_min, S_max=S_max,
+                       S_noise=S_noise, randn_like=randn_like, dtype=dtype)

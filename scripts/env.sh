@@ -1,0 +1,24 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: creates or updates .venv, installs
+# torch==2.13.0 (CPU build here) and the rest, and builds the fastguide._C extension.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPY="$ROOT/.venv/bin/python"
+STAMP=.venv/.fastguide-deps
+REQS="torch==2.13.0 triton==3.7.1 numpy tqdm safetensors matplotlib pytest hypothesis pytest-benchmark diffusers ninja setuptools wheel"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQS" ]; then
+    "$VPY" -m pip install -q --disable-pip-version-check $REQS
+    echo "$REQS" > "$STAMP"
+fi
+# Editable install (package + the `fastguide` console command) once; the extension itself is
+# built in place, incrementally with ninja, on every call.
+if [ ! -f .venv/.fastguide-editable ]; then
+    FASTGUIDE_NO_EXT=1 "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+    touch .venv/.fastguide-editable
+fi
+if ! MAX_JOBS="${MAX_JOBS:-2}" "$VPY" setup.py build_ext --inplace > .venv/build.log 2>&1; then
+    cat .venv/build.log >&2; echo "env.sh: building fastguide._C failed (log above)" >&2; exit 1
+fi
+export PATH="$ROOT/.venv/bin:$PATH"
