@@ -57,7 +57,7 @@ def check_output(name, out, x, check_finite=True, batch=None):
     if out.dtype != x.dtype:
         raise DenoiserOutputError(f"{name} returned dtype {out.dtype}, expected {x.dtype}")
     if out.device != x.device:
-        raise DenoiserOutputError(f"{name} returned a tensor on {out.device}, expected {x.device}")
+        raise DenoiserOutputError(f"{name} returned a tensor on device {out.device}, expected device {x.device}")
     if check_finite and not bool(torch.isfinite(out).all()):
         raise DenoiserOutputError(f"{name} returned non-finite values (NaN or inf)")
     return out
