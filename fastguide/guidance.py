@@ -11,7 +11,7 @@ import numbers
 import torch
 from torch import nn
 
-from fastguide import reference
+from fastguide import batching, reference
 
 
 class DenoiserOutputError(RuntimeError):
@@ -67,9 +67,16 @@ class GuidedDenoiser(nn.Module):
     """D = D0 + w·(D1 − D0) with D1 = net(x, σ, labels) and D0 the guide's prediction.
 
     guide given: D0 = guide(x, σ, guide_labels or labels) (autoguidance, or a separate
-    unconditional net).  guide None, guide_labels given: classifier-free guidance with one call of
-    net on the 2B batch [x; x] with [labels; guide_labels].  The guide is not evaluated when
-    guidance == 1 or σ is outside guidance_interval = (sigma_lo, sigma_hi] .
+    unconditional net).  guide None, guide_labels given: classifier-free guidance, D0 = net(x, σ,
+    guide_labels).  The guide is not evaluated when guidance == 1 or σ is outside
+    guidance_interval = (sigma_lo, sigma_hi].
+
+    strategy: how the two predictions are evaluated together, one of fastguide.batching.STRATEGIES
+    ("auto", "separate", "cfg-batch", "stacked", "streams"; see fastguide.batching).  The one used
+    last is stats["strategy"].  compile=True: torch.compile of the evaluation (mode
+    "reduce-overhead", CUDA graphs, on CUDA tensors; then the predictions are valid until the next
+    evaluation) and of the guidance combination in forward.  stats counts evaluations of net and
+    guide (a CFG 2B call counts one of each).
     """
 
     def __init__(self, net, guide=None, guidance=1.0, guide_labels=None, guidance_interval=None,
@@ -82,19 +89,24 @@ class GuidedDenoiser(nn.Module):
         self.guidance = check_guidance(guidance)
         if self.guidance != 1 and guide is None and guide_labels is None:
             raise ValueError(f"guidance={self.guidance} needs a guide or guide_labels (CFG); got neither")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
         self.net, self.guide = net, guide
         self.guide_labels = guide_labels
         self.guidance_interval = check_interval(guidance_interval)
-        self.strategy = strategy
-        if compile:
-            raise NotImplementedError("compile=True is not implemented yet")
+        self.strategy = batching.check_strategy(strategy)
         self.compile = compile
         self.check_finite = check_finite
         self.cast_outputs = cast_outputs
-        self.stats = {"net": 0, "guide": 0}
+        self._strategies = {}
+        self._compiled = {}
+        self.tuners = {}  # auto: input key -> batching.AutoTuner (its .choice, .timings_ms)
+        if strategy not in ("auto", "streams"):
+            self._strategy(strategy)  # refuses a strategy that cannot apply, before any work
+        self.reset_stats()
 
     def reset_stats(self):
-        self.stats = {"net": 0, "guide": 0}
+        self.stats = {"net": 0, "guide": 0, "strategy": None}
 
     def guided_at(self, sigma):
         """Whether the guide is evaluated at noise level sigma (a float)."""
@@ -105,24 +117,75 @@ class GuidedDenoiser(nn.Module):
             out = out.to(x.dtype)
         return check_output(name, out, x, self.check_finite, batch)
 
+    def _guide_model(self):
+        return self.net if self.guide is None else self.guide
+
+    def _strategy(self, name):
+        """The strategy object `name`, built once (its constructor refuses what it cannot run)."""
+        if name not in self._strategies:
+            net, guide = self.net, self._guide_model()
+            if self.compile and name == "streams":  # compiled per network: one graph cannot span two streams
+                net = torch.compile(net)
+                guide = net if guide is self.net else torch.compile(guide)
+            self._strategies[name] = batching.CLASSES[name](net, guide, self._checked)
+        return self._strategies[name]
+
+    def _compiled_fn(self, key, fn, device):
+        """torch.compile of fn, once per key; the evaluations use CUDA graphs ("reduce-overhead") on CUDA."""
+        graphs = device.type == "cuda" and key != "combine"
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(fn, mode="reduce-overhead" if graphs else None, dynamic=False)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._compiled[key]
+
+    def _evaluate_with(self, name, x, sigma, labels, guide_labels):
+        strategy = self._strategy(name)
+        evaluate = None
+        if self.compile and name != "streams":
+            evaluate = self._compiled_fn(name, strategy.evaluate, x.device)
+        return strategy(x, sigma, labels, guide_labels, evaluate=evaluate)
+
+    def _tuner(self, x, labels, guide_labels):
+        """The AutoTuner of this input key (shared with other GuidedDenoisers on the same net and guide)."""
+        key = batching.input_key(x, labels, guide_labels)
+        guide = self._guide_model()
+        tuner = self.tuners.get(key) or batching.TUNERS.get(self.net, guide, key)
+        if tuner is None:
+            names = []
+            for name in batching.candidates(self.net, guide, x.device):
+                try:
+                    self._strategy(name)
+                    names.append(name)
+                except ValueError as exc:
+                    batching.log.debug("fastguide auto: strategy %r not applicable: %s", name, exc)
+            tuner = batching.AutoTuner(names)
+            batching.TUNERS.put(self.net, guide, key, tuner)
+        self.tuners[key] = tuner
+        return tuner
+
     def _call_main(self, x, sigma, labels):
+        net = self._compiled_fn("net", self.net, x.device) if self.compile else self.net
+        d_main = self._checked("net", net(x, sigma, labels), x)
         self.stats["net"] += 1
-        return self._checked("net", self.net(x, sigma, labels), x)
+        return d_main
 
     def _call_pair(self, x, sigma, labels):
-        """(d_main, d_guide) for one batch: one 2B call of net for CFG, else net and guide."""
+        """(d_main, d_guide) for one batch, evaluated by the chosen strategy."""
+        guide_labels = labels if self.guide_labels is None else self.guide_labels
+        name = self.strategy
+        if name == "auto":
+            tuner = self._tuner(x, labels, guide_labels)
+            name = tuner.choice
+        if name is None:  # auto, still tuning: eager, whatever compile says
+            strategies = {n: self._strategy(n) for n in tuner.names}
+            name, outputs = tuner.evaluate(strategies, x, sigma, labels, guide_labels)
+        else:
+            outputs = self._evaluate_with(name, x, sigma, labels, guide_labels)
         self.stats["net"] += 1
         self.stats["guide"] += 1
-        batch = x.shape[0]
-        if self.guide is None:
-            both_labels = None if labels is None else torch.cat([labels, self.guide_labels])
-            both = self.net(torch.cat([x, x]), torch.cat([sigma, sigma]), both_labels)
-            both = self._checked("net", both, x, batch=2 * batch)
-            return both[:batch], both[batch:]
-        guide_labels = labels if self.guide_labels is None else self.guide_labels
-        d_main = self._checked("net", self.net(x, sigma, labels), x)
-        d_guide = self._checked("guide", self.guide(x, sigma, guide_labels), x)
-        return d_main, d_guide
+        self.stats["strategy"] = name
+        return outputs
 
     def predictions(self, x, sigma, labels=None):
         """(d_main, d_guide) at the float noise level sigma; d_guide is None where the guide is skipped."""
@@ -130,6 +193,9 @@ class GuidedDenoiser(nn.Module):
         sigma_t = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
         if not self.guided_at(sigma):
             return self._call_main(x, sigma_t, labels), None
+        check_labels("guide_labels", self.guide_labels, x.shape[0])
+        if self.guide is None and labels is None:
+            raise ValueError("guide_labels (CFG with the same net) needs labels for the conditional half")
         return self._call_pair(x, sigma_t, labels)
 
     def forward(self, x, sigma, labels=None, **extra_args):
@@ -143,4 +209,7 @@ class GuidedDenoiser(nn.Module):
                 raise ValueError("GuidedDenoiser needs one noise level per call; sigma holds several")
             sigma = values[0]
         d_main, d_guide = self.predictions(x, float(sigma), labels)
-        return reference.guide(d_main, d_guide, self.guidance)
+        if d_guide is None:
+            return d_main
+        combine = self._compiled_fn("combine", reference.guide, x.device) if self.compile else reference.guide
+        return combine(d_main, d_guide, self.guidance)
