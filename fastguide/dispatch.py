@@ -42,7 +42,7 @@ def _availability(name):
         if not loaded:
             return False, reason
         key = "CPU" if name == "cpp" else "CUDA"
-        if not _has_op("guided_euler", key):
+        if not all(_has_op(op, key) for op in ("guided_euler_out", "guided_heun_out")):
             return False, f"fastguide._C has no {key} kernels" + (
                 " (torch was built without CUDA)" if name == "cuda" and torch.version.cuda is None else "")
         if name == "cuda" and not torch.cuda.is_available():
@@ -71,8 +71,18 @@ def check_name(backend, argument="backend"):
         raise ValueError(f"{argument} must be one of {('auto',) + NAMES}, got {backend!r}")
 
 
+@torch._dynamo.assume_constant_result
 def resolve(backend, device):
-    """The backend name that runs on `device` for a requested name ("auto" or one of NAMES)."""
+    """The backend name that runs on `device` for a requested name ("auto" or one of NAMES).
+
+    torch.compile runs it eagerly and treats the name as a constant, so compiled code that calls
+    fastguide.ops traces straight into the chosen kernel."""
+    name = _resolve(backend, device)
+    _load_implementation(name)
+    return name
+
+
+def _resolve(backend, device):
     check_name(backend)
     device = torch.device(device)
     if backend != "auto":
@@ -96,14 +106,20 @@ def resolve(backend, device):
     return "reference"
 
 
+_MODULES = {"reference": "fastguide.reference", "cpp": "fastguide._extension_ops",
+            "cuda": "fastguide._extension_ops", "triton": "tritonkernels"}
+_implementations = {}
+
+
+def _load_implementation(name):
+    if name not in _implementations:
+        _implementations[name] = importlib.import_module(_MODULES[name])
+    return _implementations[name]
+
+
 def implementation(name):
     """The module whose guided_euler/guided_heun run backend `name` (all share one signature)."""
-    if name == "reference":
-        from fastguide import reference
-        return reference
-    if name in ("cpp", "cuda"):
-        from fastguide import _extension_ops
-        return _extension_ops
-    if name == "triton":
-        return importlib.import_module("tritonkernels")
-    raise ValueError(name)
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {NAMES}")
+    implementation_module = _implementations.get(name)
+    return implementation_module if implementation_module is not None else _load_implementation(name)

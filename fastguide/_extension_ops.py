@@ -1,0 +1,42 @@
+"""The "cpp" and "cuda" backends: thin wrappers over torch.ops.fastguide.* from fastguide._C.
+
+The kernels themselves make non-contiguous inputs contiguous and write through a temporary
+when `out` is non-contiguous or partly overlaps an input, so the wrappers only forward.
+The fake (meta) implementations below let the ops trace under torch.compile.
+"""
+import torch
+
+import fastguide._C  # noqa: F401  (registers torch.ops.fastguide.*)
+
+_ops = torch.ops.fastguide
+
+
+def guided_euler(x, d_main, d_guide, guidance, t_cur, t_next, *, out, deriv_out):
+    _ops.guided_euler_out(x, d_main, d_guide, guidance, t_cur, t_next, out=out, deriv_out=deriv_out)
+    return out, deriv_out
+
+
+def guided_heun(x, deriv, d_main, d_guide, guidance, t_cur, t_next, *, out):
+    _ops.guided_heun_out(x, deriv, d_main, d_guide, guidance, t_cur, t_next, out=out)
+    return out
+
+
+@torch.library.register_fake("fastguide::guided_euler")
+def _guided_euler_fake(x, d_main, d_guide, guidance, t_cur, t_next):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastguide::guided_euler_out")
+def _guided_euler_out_fake(x, d_main, d_guide, guidance, t_cur, t_next, *, out, deriv_out):
+    return None
+
+
+@torch.library.register_fake("fastguide::guided_heun")
+def _guided_heun_fake(x, deriv, d_main, d_guide, guidance, t_cur, t_next):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastguide::guided_heun_out")
+def _guided_heun_out_fake(x, deriv, d_main, d_guide, guidance, t_cur, t_next, *, out):
+    return None
