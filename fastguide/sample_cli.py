@@ -1,0 +1,385 @@
+"""`fastguide sample`: sample a denoiser for a list of seeds, one file per seed, resumable.
+
+Every seed's noise (and, for class-conditional nets without --class, its class) comes from its own
+torch.Generator, and the seeds are cut into the same batches whatever the number of processes, so
+the files are byte-identical between a one-process run and `torchrun --nproc_per_node=N -m
+fastguide sample ...` (batches go to ranks round-robin).  Files are written to a temporary name
+and renamed; a rerun skips batches whose files all exist and writes only the missing ones (a
+partly written batch is sampled again whole, so its files stay identical to an uninterrupted run).
+"""
+import datetime
+import importlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+import zipfile
+
+import numpy as np
+import torch
+
+from fastguide import dispatch
+from fastguide.noise import SeededRandn
+from fastguide.sampler import SOLVERS, sample, schedule
+
+FORMATS = ("npz", "png")
+PNG_MODES = {1: "L", 3: "RGB"}
+
+
+class UsageError(ValueError):
+    """Bad input to `fastguide sample`: reported as one line on stderr, exit code 2."""
+
+
+def add_arguments(parser):
+    parser.add_argument("--net", required=True, metavar="MODULE:FACTORY",
+                        help="a callable returning the denoiser (x, sigma[B], labels) -> D(x)")
+    parser.add_argument("--guide", metavar="MODULE:FACTORY", help="a callable returning the guiding denoiser")
+    parser.add_argument("--guidance", type=float, default=1.0, help="guidance weight w (default 1: no guidance)")
+    parser.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="guide only for sigma in (LO, HI]")
+    parser.add_argument("--steps", type=int, default=32, help="sampling steps (default 32)")
+    parser.add_argument("--solver", choices=SOLVERS, default="heun")
+    parser.add_argument("--sigma-min", type=float, default=0.002, help="clamped to the net's sigma_min if it has one")
+    parser.add_argument("--sigma-max", type=float, default=80.0, help="clamped to the net's sigma_max if it has one")
+    parser.add_argument("--rho", type=float, default=7.0)
+    parser.add_argument("--seeds", default="0-63", help="seeds: ranges and lists, e.g. 0-49999 or 0,5,10-19")
+    parser.add_argument("--batch", type=int, default=32, help="samples per batch (default 32)")
+    parser.add_argument("--num-classes", type=int, metavar="N",
+                        help="one-hot labels of size N (default: the net's label_dim, if any)")
+    parser.add_argument("--class", type=int, dest="class_idx", metavar="K",
+                        help="class K for every seed (default: one drawn from each seed's generator)")
+    parser.add_argument("--null-class", type=int, metavar="K",
+                        help="CFG without --guide: the unconditional label is class K (default: all-zero labels)")
+    parser.add_argument("--shape", help="sample shape C,H,W (default: the net's img_channels and img_resolution)")
+    parser.add_argument("--outdir", required=True, help="where the files go (created if missing)")
+    parser.add_argument("--format", choices=FORMATS, default="png",
+                        help="png: 8-bit images of x in [-1, 1]; npz: the float32 sample itself")
+    parser.add_argument("--device", help="default: cuda (this rank's GPU) if available, else cpu")
+    parser.add_argument("--backend", default="auto", help="fused-op backend (default auto)")
+
+
+def run(args):
+    started = time.perf_counter()
+    rank, world_size, local_rank = _distributed_env()
+    try:
+        plan = _prepare(args, local_rank)
+    except UsageError as exc:
+        print(f"fastguide sample: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    if world_size > 1:
+        torch.distributed.init_process_group("nccl" if plan["device"].type == "cuda" else "gloo")
+    try:
+        counts = _sample_batches(plan, rank, world_size)
+        counts["setup_s"] = plan["setup_s"]
+        all_counts = _gather(counts, world_size)
+        if rank == 0:
+            _write_record(args, plan, all_counts, world_size, time.perf_counter() - started)
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _distributed_env():
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+# ---------------------------------------------------------------- validation (nothing written yet)
+
+def parse_seeds(text):
+    """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]; each seed once."""
+    seeds = []
+    for item in str(text).replace(" ", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if match is None:
+            raise UsageError(f"--seeds: malformed item {item!r} in {text!r} (expected e.g. 0-49999 or 0,5,10-19)")
+        first, last = int(match[1]), int(match[2] if match[2] is not None else match[1])
+        if last < first:
+            raise UsageError(f"--seeds: range {item!r} ends before it starts")
+        if last >= 2 ** 63:
+            raise UsageError(f"--seeds: seed {last} is too large (must be < 2**63)")
+        seeds.extend(range(first, last + 1))
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds: {text!r} names some seeds more than once")
+    return seeds
+
+
+def load_factory(option, spec):
+    """Imports MODULE, calls FACTORY() and checks that it returned a callable denoiser."""
+    module_name, sep, attr_path = (spec or "").partition(":")
+    if not sep or not module_name or not attr_path:
+        raise UsageError(f"{option}: expected MODULE:FACTORY, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is bad input
+        raise UsageError(f"{option}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from None
+    for name in attr_path.split("."):
+        if not hasattr(factory, name):
+            raise UsageError(f"{option}: {module_name!r} has no attribute {attr_path!r}")
+        factory = getattr(factory, name)
+    if not callable(factory):
+        raise UsageError(f"{option}: {spec} is a {type(factory).__name__}, not a callable factory")
+    try:
+        net = factory()
+    except Exception as exc:  # noqa: BLE001 - a factory that fails is bad input
+        raise UsageError(f"{option}: {spec}() raised {type(exc).__name__}: {exc}") from None
+    if not callable(net):
+        raise UsageError(f"{option}: {spec}() returned a {type(net).__name__}, expected a callable denoiser")
+    return net
+
+
+def _prepare(args, local_rank):
+    """Validates every argument and loads the nets; the last step creates the output folder."""
+    started = time.perf_counter()
+    seeds = parse_seeds(args.seeds)
+    _check_positive("--steps", args.steps)
+    _check_positive("--batch", args.batch)
+    if not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance must be finite, got {args.guidance}")
+    if args.interval is not None and not args.interval[0] < args.interval[1]:
+        raise UsageError(f"--interval needs LO < HI, got {args.interval[0]} {args.interval[1]}")
+    device = _device(args.device, local_rank)
+    try:
+        dispatch.check_name(args.backend, "--backend")
+        dispatch.resolve(args.backend, device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--backend: {exc}") from None
+    net = load_factory("--net", args.net)
+    guide = load_factory("--guide", args.guide) if args.guide else None
+    num_classes = _num_classes(args, net)
+    if args.guidance != 1 and guide is None and not num_classes:
+        raise UsageError("--guidance != 1 needs --guide, or class labels (--num-classes) for CFG")
+    shape = _shape(args.shape, net)
+    if args.format == "png" and shape[0] not in PNG_MODES:
+        raise UsageError(f"--format png needs 1 or 3 channels, the samples have {shape[0]} (use --format npz)")
+    sigma_min = max(args.sigma_min, float(getattr(net, "sigma_min", 0.0)))
+    sigma_max = min(args.sigma_max, float(getattr(net, "sigma_max", math.inf)))
+    try:
+        schedule(args.steps, sigma_min, sigma_max, args.rho)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"the noise schedule (--sigma-min, --sigma-max, --rho, clamped to the net's "
+                         f"sigma range): {exc}") from None
+    outdir = _make_outdir(args.outdir)
+    net, guide = (_to_device(m, device) for m in (net, guide))
+    return dict(seeds=seeds, device=device, net=net, guide=guide, num_classes=num_classes, shape=shape,
+                sigma_min=sigma_min, sigma_max=sigma_max, outdir=outdir, args=args,
+                setup_s=time.perf_counter() - started)
+
+
+def _check_positive(option, value):
+    if value < 1:
+        raise UsageError(f"{option} must be >= 1, got {value}")
+
+
+def _device(name, local_rank):
+    if name is None:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available")
+    return device
+
+
+def _num_classes(args, net):
+    num_classes = args.num_classes if args.num_classes is not None else int(getattr(net, "label_dim", 0) or 0)
+    if num_classes < 0:
+        raise UsageError(f"--num-classes must be >= 0, got {num_classes}")
+    for option, value in (("--class", args.class_idx), ("--null-class", args.null_class)):
+        if value is not None and not 0 <= value < max(num_classes, 0):
+            raise UsageError(f"{option} {value} needs --num-classes N with 0 <= {value} < N (got N={num_classes})")
+    return num_classes
+
+
+def _shape(text, net):
+    if text is None:
+        channels, resolution = getattr(net, "img_channels", None), getattr(net, "img_resolution", None)
+        if channels is None or resolution is None:
+            raise UsageError("--shape C,H,W is needed: the net has no img_channels/img_resolution attributes")
+        return (int(channels), int(resolution), int(resolution))
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise UsageError(f"--shape: expected positive integers like 3,64,64, got {text!r}")
+    return shape
+
+
+def _make_outdir(path):
+    """Creates the folder and proves that a file can be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".fastguide-write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"--outdir {path!r} is not writable: {exc.strerror or exc}") from None
+    return path
+
+
+def _to_device(module, device):
+    if isinstance(module, torch.nn.Module):
+        module = module.to(device).eval()
+    return module
+
+
+# ---------------------------------------------------------------- sampling
+
+def seed_path(outdir, seed, fmt):
+    """outdir/000000/000123.png: one folder per thousand seeds, as EDM2 lays them out."""
+    return os.path.join(outdir, f"{seed // 1000 * 1000:06d}", f"{seed:06d}.{fmt}")
+
+
+def _sample_batches(plan, rank, world_size):
+    args = plan["args"]
+    batches = [plan["seeds"][i:i + args.batch] for i in range(0, len(plan["seeds"]), args.batch)]
+    my_batches = batches[rank::world_size]
+    counts = dict(rank=rank, written=0, skipped=0, batches_run=0, net_calls=0, guide_calls=0,
+                  evaluations_per_sample=None, sampling_s=0.0, backend=None)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=sum(len(b) for b in my_batches), unit="img", desc="fastguide sample", disable=rank != 0)
+    for batch_seeds in my_batches:
+        missing = [s for s in batch_seeds if not os.path.exists(seed_path(plan["outdir"], s, args.format))]
+        if missing:
+            started = time.perf_counter()
+            samples, labels, stats = _sample_batch(plan, batch_seeds)
+            for row, seed in enumerate(batch_seeds):
+                if seed in missing:
+                    _write_sample(plan["outdir"], seed, args.format, samples[row], labels[row])
+            counts["sampling_s"] += time.perf_counter() - started
+            counts["batches_run"] += 1
+            counts["net_calls"] += stats["net"]
+            counts["guide_calls"] += stats["guide"]
+            counts["evaluations_per_sample"] = dict(net=stats["net"], guide=stats["guide"])
+            counts["backend"] = stats["backend"]
+        counts["written"] += len(missing)
+        counts["skipped"] += len(batch_seeds) - len(missing)
+        bar.update(len(batch_seeds))
+    bar.close()
+    return counts
+
+
+def class_labels(plan, generators):
+    """Class per seed (--class K, or one drawn from the seed's generator after its noise, as EDM2 does)."""
+    args, num_classes = plan["args"], plan["num_classes"]
+    if args.class_idx is not None:
+        return torch.full((len(generators),), args.class_idx, dtype=torch.long)
+    return torch.stack([torch.randint(num_classes, size=(), generator=g, device=g.device) for g in generators]).cpu()
+
+
+def _sample_batch(plan, batch_seeds):
+    """(samples [B, *shape] on CPU, class per row or -1, sampler stats) for one batch."""
+    args, device, num_classes = plan["args"], plan["device"], plan["num_classes"]
+    randn = SeededRandn(batch_seeds, device)
+    noise = randn.randn(plan["shape"])
+    labels = guide_labels = None
+    classes = torch.full((len(batch_seeds),), -1, dtype=torch.long)
+    if num_classes:
+        classes = class_labels(plan, randn.generators)
+        labels = torch.eye(num_classes, device=device)[classes.to(device)]
+        if plan["guide"] is None and args.guidance != 1:
+            guide_labels = torch.zeros_like(labels)
+            if args.null_class is not None:
+                guide_labels[:, args.null_class] = 1
+    with torch.no_grad():
+        samples, stats = sample(plan["net"], noise, labels=labels, guide=plan["guide"], guide_labels=guide_labels,
+                                guidance=args.guidance, guidance_interval=args.interval, num_steps=args.steps,
+                                sigma_min=plan["sigma_min"], sigma_max=plan["sigma_max"], rho=args.rho,
+                                solver=args.solver, backend=args.backend, return_stats=True)
+    return samples.float().cpu(), classes, stats
+
+
+# ---------------------------------------------------------------- files
+
+def _write_sample(outdir, seed, fmt, sample_chw, class_label):
+    path = seed_path(outdir, seed, fmt)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = _png_bytes(sample_chw) if fmt == "png" else _npz_bytes(sample_chw, seed, int(class_label))
+    write_atomically(path, data)
+
+
+def write_atomically(path, data):
+    """Writes to a hidden temporary name in the same folder, then renames: the file is whole or absent."""
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f".{name}.tmp")
+    with open(temporary, "wb") as f:
+        f.write(data)
+    os.replace(temporary, path)
+
+
+def _npz_bytes(sample_chw, seed, class_label):
+    """An .npz (x: float32 C×H×W, seed, class_label or -1) with fixed zip timestamps: same input, same bytes."""
+    arrays = dict(x=sample_chw.numpy().astype(np.float32), seed=np.int64(seed), class_label=np.int64(class_label))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+    return buffer.getvalue()
+
+
+def _png_bytes(sample_chw):
+    """8-bit PNG of x in [-1, 1] (EDM2's conversion: x·127.5 + 128, clipped)."""
+    from PIL import Image
+    pixels = (sample_chw * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    mode = PNG_MODES[pixels.shape[2]]
+    image = Image.fromarray(pixels[:, :, 0] if mode == "L" else pixels, mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- run record
+
+def _gather(counts, world_size):
+    if world_size == 1:
+        return [counts]
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, counts)
+    return gathered
+
+
+def _versions():
+    import fastguide
+    versions = dict(fastguide=fastguide.__version__, torch=torch.__version__, numpy=np.__version__,
+                    python=platform.python_version())
+    if "diffusers" in sys.modules:
+        versions["diffusers"] = sys.modules["diffusers"].__version__
+    return versions
+
+
+def _write_record(args, plan, all_counts, world_size, total_s):
+    """outdir/run-<UTC time>.json: arguments, versions, backend, timings and evaluation counts."""
+    arguments = {k: v for k, v in vars(args).items() if k != "func"}
+    written = sum(c["written"] for c in all_counts)
+    sampling_s = max(c["sampling_s"] for c in all_counts)
+    record = dict(
+        command="fastguide sample", arguments=arguments, versions=_versions(),
+        device=str(plan["device"]), world_size=world_size,
+        backend=next((c["backend"] for c in all_counts if c["backend"]), None),
+        resolved=dict(shape=list(plan["shape"]), num_classes=plan["num_classes"], sigma_min=plan["sigma_min"],
+                      sigma_max=plan["sigma_max"], seeds=len(plan["seeds"])),
+        timings=dict(total_s=total_s, sampling_s=sampling_s, setup_s=max(c["setup_s"] for c in all_counts),
+                     samples_per_s=written / sampling_s if sampling_s > 0 else None),
+        counts=dict(written=written, skipped=sum(c["skipped"] for c in all_counts),
+                    batches_run=sum(c["batches_run"] for c in all_counts),
+                    net_calls=sum(c["net_calls"] for c in all_counts),
+                    guide_calls=sum(c["guide_calls"] for c in all_counts),
+                    evaluations_per_sample=next((c["evaluations_per_sample"] for c in all_counts
+                                                 if c["evaluations_per_sample"]), None)),
+        ranks=all_counts,
+    )
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    data = json.dumps(record, indent=2, default=str).encode()
+    write_atomically(os.path.join(plan["outdir"], f"run-{stamp}.json"), data)

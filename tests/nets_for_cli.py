@@ -1,0 +1,74 @@
+"""Tiny denoiser factories for the `fastguide sample` tests (imported by name: nets_for_cli:FACTORY)."""
+import os
+import time
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A class-conditional denoiser with EDM preconditioning, a 3×3 conv and fixed random weights."""
+
+    img_channels, img_resolution, label_dim = 3, 8, 4
+    sigma_data = 0.5
+
+    def __init__(self, seed=0, delay=0.0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.embed = nn.Linear(self.label_dim, 3)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        self.delay = delay
+
+    def forward(self, x, sigma, labels=None):
+        if self.delay:
+            time.sleep(self.delay)
+        sigma = sigma.reshape(-1, 1, 1, 1)
+        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+        c_in = 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+        h = self.conv(x * c_in)
+        if labels is not None:
+            h = h + self.embed(labels)[:, :, None, None]
+        return c_skip * x + c_out * torch.tanh(h)
+
+
+def tiny_net():
+    return TinyNet(seed=0)
+
+
+def tiny_guide():
+    return TinyNet(seed=1)
+
+
+def slow_net():
+    """TinyNet (same weights) that sleeps per call, so that a run can be killed part-way."""
+    return TinyNet(seed=0, delay=float(os.environ.get("FASTGUIDE_TEST_DELAY", "0.05")))
+
+
+def gray_net():
+    """One channel, no attributes: needs --shape."""
+    return lambda x, sigma, labels=None: x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+
+def not_a_denoiser():
+    return 42
+
+
+def broken_factory():
+    raise RuntimeError("weights not found")
+
+
+NOT_CALLABLE = "just a string"
+
+
+def diffusers_flow_match():
+    """A diffusers model with a scheduler that has no alphas_cumprod (flow matching)."""
+    import diffusers
+    from fastguide.adapters import DiffusersDenoiser
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    return DiffusersDenoiser(unet, diffusers.FlowMatchEulerDiscreteScheduler())

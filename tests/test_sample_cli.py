@@ -1,0 +1,266 @@
+"""`fastguide sample` end to end: files per seed, resume after a kill, torchrun sharding, bad input."""
+import contextlib
+import glob
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import fastguide
+from fastguide.cli import main
+from nets_for_cli import TinyNet
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+COMMON = ["--net", "nets_for_cli:tiny_net", "--seeds", "0-11", "--batch", "2", "--steps", "4",
+          "--guidance", "2", "--format", "npz"]
+SEEDS = list(range(12))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Runs compared byte for byte use one thread, like each torchrun rank (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def subprocess_env(**extra):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", **extra)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def result_files(outdir, ext="npz"):
+    """The visible per-seed results (temporary files are hidden, dot-prefixed)."""
+    return sorted(glob.glob(os.path.join(outdir, "*", f"*.{ext}")))
+
+
+def file_ids(paths):
+    return {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in paths}
+
+
+def read_bytes(paths):
+    return {os.path.basename(p): open(p, "rb").read() for p in paths}
+
+
+def records(outdir):
+    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(outdir, "run-*.json")))]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One in-process run over seeds 0-11 (CFG on the class-conditional tiny net); returns its folder."""
+    outdir = str(tmp_path_factory.mktemp("reference") / "out")
+    with one_thread():
+        assert main(["sample", *COMMON, "--outdir", outdir]) == 0
+    return outdir
+
+
+def expected_samples(net, seeds, guidance, num_classes=4, class_idx=None, steps=4, **options):
+    """What a batch of seeds should give: each seed's noise, then its class, from torch.Generator(seed)."""
+    noise, classes = [], []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        noise.append(torch.randn(3, 8, 8, generator=generator))
+        classes.append(class_idx if class_idx is not None else
+                       int(torch.randint(num_classes, size=(), generator=generator)))
+    labels = torch.eye(num_classes)[classes]
+    if "guide" not in options and guidance != 1:
+        options["guide_labels"] = torch.zeros_like(labels)
+    with torch.no_grad():
+        x = fastguide.sample(net, torch.stack(noise), labels=labels, guidance=guidance, num_steps=steps, **options)
+    return x, classes
+
+
+def max_rel_err(actual, expected):
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def test_one_file_per_seed_with_the_seeds_own_noise_and_class(reference_run):
+    files = result_files(reference_run)
+    assert [os.path.basename(p) for p in files] == [f"{s:06d}.npz" for s in SEEDS]
+    net = TinyNet(seed=0).eval()
+    all_classes = set()
+    for first in range(0, 12, 2):  # the CLI's batches of 2
+        with one_thread():
+            x, classes = expected_samples(net, [first, first + 1], guidance=2.0)
+        for row in range(2):
+            with np.load(files[first + row]) as data:
+                assert sorted(data.files) == ["class_label", "seed", "x"]
+                assert int(data["seed"]) == first + row and int(data["class_label"]) == classes[row]
+                assert data["x"].dtype == np.float32 and data["x"].shape == (3, 8, 8)
+                assert max_rel_err(data["x"], x[row].numpy()) < 1e-6
+        all_classes.update(classes)
+    assert len(all_classes) > 1  # the classes really are drawn per seed
+    (record,) = records(reference_run)
+    assert record["arguments"]["seeds"] == "0-11" and record["world_size"] == 1
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["backend"] in fastguide.dispatch.NAMES
+    assert record["counts"]["written"] == 12 and record["counts"]["batches_run"] == 6
+    assert record["counts"]["evaluations_per_sample"] == {"net": 7, "guide": 7}  # Heun: 2·4 − 1
+    assert record["timings"]["sampling_s"] > 0
+
+
+def test_png_with_guide_interval_and_fixed_class(tmp_path):
+    outdir = str(tmp_path / "png")
+    argv = ["sample", "--net", "nets_for_cli:tiny_net", "--guide", "nets_for_cli:tiny_guide", "--guidance", "1.8",
+            "--interval", "0.3", "5", "--seeds", "3,5-6", "--steps", "5", "--solver", "euler", "--class", "2",
+            "--outdir", outdir]
+    assert main(argv) == 0
+    from PIL import Image
+    net, guide = TinyNet(seed=0).eval(), TinyNet(seed=1).eval()
+    x, _ = expected_samples(net, [3, 5, 6], 1.8, class_idx=2, steps=5, guide=guide, guidance_interval=(0.3, 5.0),
+                            solver="euler")
+    for row, seed in enumerate((3, 5, 6)):
+        image = np.asarray(Image.open(os.path.join(outdir, "000000", f"{seed:06d}.png")))
+        pixels = (x[row] * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        assert image.shape == (8, 8, 3) and image.dtype == np.uint8
+        assert np.abs(image.astype(int) - pixels.astype(int)).max() <= 1
+    (record,) = records(outdir)
+    per_sample = record["counts"]["evaluations_per_sample"]
+    assert per_sample["net"] == 5 and 0 < per_sample["guide"] < 5  # the guide is skipped outside (0.3, 5]
+
+
+def test_gray_png_needs_shape_and_writes_one_channel(tmp_path):
+    outdir = str(tmp_path / "gray")
+    assert main(["sample", "--net", "nets_for_cli:gray_net", "--shape", "1,5,6", "--seeds", "0-2", "--steps", "3",
+                 "--outdir", outdir]) == 0
+    from PIL import Image
+    images = [Image.open(p) for p in result_files(outdir, "png")]
+    assert [(im.mode, im.size) for im in images] == [("L", (6, 5))] * 3
+
+
+def test_rerun_skips_existing_and_refills_missing_identically(reference_run, tmp_path, capsys):
+    outdir = str(tmp_path / "copy")
+    shutil.copytree(reference_run, outdir)
+    before = read_bytes(result_files(outdir))
+    ids = file_ids(result_files(outdir))
+    with one_thread():
+        assert main(["sample", *COMMON, "--outdir", outdir]) == 0
+    assert file_ids(result_files(outdir)) == ids  # nothing was rewritten
+    assert records(outdir)[-1]["counts"] == dict(records(outdir)[-1]["counts"], written=0, skipped=12, batches_run=0)
+    removed = [os.path.join(outdir, "000000", name) for name in ("000003.npz", "000008.npz")]
+    for path in removed:
+        os.remove(path)
+    with one_thread():
+        assert main(["sample", *COMMON, "--outdir", outdir]) == 0
+    assert read_bytes(result_files(outdir)) == before
+    kept = {p: v for p, v in ids.items() if p not in removed}
+    assert {p: v for p, v in file_ids(result_files(outdir)).items() if p not in removed} == kept
+    assert records(outdir)[-1]["counts"]["written"] == 2
+
+
+def test_killed_run_resumes_without_loss_or_repeats(reference_run, tmp_path, monkeypatch):
+    outdir = str(tmp_path / "killed")
+    command = [sys.executable, "-m", "fastguide", "sample", *COMMON, "--outdir", outdir]
+    command[command.index("nets_for_cli:tiny_net")] = "nets_for_cli:slow_net"
+    process = subprocess.Popen(command, env=subprocess_env(FASTGUIDE_TEST_DELAY="0.1"), cwd=str(tmp_path),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(result_files(outdir)) < 4 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, "the run ended before it could be killed"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    written = result_files(outdir)
+    assert 4 <= len(written) < 12
+    for path in written:  # every visible result is whole
+        with np.load(path) as data:
+            assert data["x"].shape == (3, 8, 8)
+    ids = file_ids(written)
+    monkeypatch.setenv("FASTGUIDE_TEST_DELAY", "0")
+    with one_thread():
+        assert main(["sample", *COMMON, "--outdir", outdir]) == 0
+    final = result_files(outdir)
+    assert [os.path.basename(p) for p in final] == [f"{s:06d}.npz" for s in SEEDS]
+    assert not glob.glob(os.path.join(outdir, "*", ".*"))  # no temporary files left
+    assert {p: file_ids(final)[p] for p in written} == ids  # the first run's files were kept
+    assert read_bytes(final) == read_bytes(result_files(reference_run))  # same as an uninterrupted run
+
+
+def test_torchrun_two_processes_write_the_same_bytes(reference_run, tmp_path):
+    outdir = str(tmp_path / "ddp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "fastguide", "sample", *COMMON, "--outdir", outdir]
+    result = subprocess.run(command, env=subprocess_env(), cwd=str(tmp_path), capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_bytes(result_files(outdir)) == read_bytes(result_files(reference_run))
+    (record,) = records(outdir)
+    assert record["world_size"] == 2
+    assert sorted(r["rank"] for r in record["ranks"]) == [0, 1]
+    assert [r["written"] for r in sorted(record["ranks"], key=lambda r: r["rank"])] == [6, 6]
+    assert record["counts"]["written"] == 12
+
+
+BAD_INPUTS = {
+    "no module": (["--net", "no_such_module_xyz:make"], "cannot import module 'no_such_module_xyz'"),
+    "no colon": (["--net", "nets_for_cli"], "expected MODULE:FACTORY"),
+    "no attribute": (["--net", "nets_for_cli:missing"], "has no attribute 'missing'"),
+    "not callable factory": (["--net", "nets_for_cli:NOT_CALLABLE"], "not a callable factory"),
+    "factory raises": (["--net", "nets_for_cli:broken_factory"], "raised RuntimeError: weights not found"),
+    "returns no denoiser": (["--guide", "nets_for_cli:not_a_denoiser"], "returned a int, expected a callable"),
+    "seed range open": (["--seeds", "0-"], "--seeds: malformed item '0-'"),
+    "seed range reversed": (["--seeds", "9-2"], "ends before it starts"),
+    "seed list word": (["--seeds", "1,two"], "--seeds: malformed item 'two'"),
+    "seed twice": (["--seeds", "0-3,2"], "more than once"),
+    "no alphas_cumprod": (["--net", "nets_for_cli:diffusers_flow_match"], "has no alphas_cumprod"),
+    "class out of range": (["--class", "4"], "--class 4 needs --num-classes"),
+    "png channels": (["--net", "nets_for_cli:gray_net", "--shape", "2,4,4", "--format", "png"], "1 or 3 channels"),
+    "no shape": (["--net", "nets_for_cli:gray_net"], "--shape C,H,W is needed"),
+    "guidance without guide": (["--net", "nets_for_cli:gray_net", "--shape", "1,4,4", "--guidance", "2"],
+                               "needs --guide"),
+    "bad interval": (["--interval", "3", "1"], "LO < HI"),
+    "bad steps": (["--steps", "0"], "--steps must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+    options, message = BAD_INPUTS[case]
+    outdir = tmp_path / "out"
+    argv = ["sample", "--net", "nets_for_cli:tiny_net", "--seeds", "0-1", "--steps", "2", "--outdir", str(outdir)]
+    assert main(argv + options) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastguide sample: error: ")
+    assert message in err
+    assert not outdir.exists()
+
+
+def test_unwritable_outdir(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    argv = ["sample", "--net", "nets_for_cli:tiny_net", "--seeds", "0", "--outdir", str(blocker / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--outdir" in err and "is not writable" in err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_exit_code_2_from_python_m_fastguide(tmp_path, monkeypatch, capsys):
+    """`python -m fastguide sample ...` (run in-process: a new interpreter costs ~10 s here)."""
+    monkeypatch.setattr(sys, "argv", ["fastguide", "sample", "--net", "nets_for_cli:tiny_net", "--seeds", "3-x",
+                                      "--outdir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("fastguide", run_name="__main__")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "fastguide sample: error: --seeds: malformed item '3-x' in '3-x' (expected e.g. 0-49999 or 0,5,10-19)"]
+    assert not (tmp_path / "out").exists()
