@@ -1,0 +1,61 @@
+"""compile=True (torch.compile of the evaluation and of the combination) gives the eager samples.
+
+Compilation is slow on a small CPU machine, so the models are tiny and the runs short."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fastguide
+from fastguide import batching
+from tests.test_batching import NUM_CLASSES, MLPDenoiser, make_inputs
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler_state():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    batching.TUNERS.clear()
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    batching.TUNERS.clear()
+    torch.set_num_threads(threads)
+
+
+def compiled_graphs():
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("case", ["stacked", "cfg-batch"])
+def test_compiled_sampling_equals_eager(case):
+    net = MLPDenoiser(seed=1, hidden=16).eval()
+    noise, _, labels = make_inputs("mlp", 3, labels=True, seed=9)
+    if case == "stacked":
+        kwargs = dict(guide=MLPDenoiser(seed=2, hidden=16).eval(), guidance=2.0)
+    else:  # with an interval, so that the main-only evaluation is compiled too
+        kwargs = dict(guide_labels=torch.full((3,), NUM_CLASSES - 1), guidance=3.0, guidance_interval=(0.3, 3.0))
+    run = dict(labels=labels, num_steps=4, sigma_max=5.0, strategy=case, backend="reference", return_stats=True,
+               **kwargs)
+    with torch.no_grad():  # with grad, x's requires_grad flips after the first step: one more graph
+        eager, eager_stats = fastguide.sample(net, noise, **run)
+        before = compiled_graphs()
+        compiled, compiled_stats = fastguide.sample(net, noise, compile=True, **run)
+    assert compiled_graphs() - before == (1 if case == "stacked" else 2)  # compiled code really ran
+    assert compiled_stats == eager_stats and compiled_stats["strategy"] == case
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_forward_equals_eager():
+    net, guide = MLPDenoiser(seed=3, hidden=16).eval(), MLPDenoiser(seed=4, hidden=16).eval()
+    x, sigma, labels = make_inputs("mlp", 2, labels=True, seed=10)
+    eager = fastguide.GuidedDenoiser(net, guide, guidance=1.8, strategy="separate")
+    compiled = fastguide.GuidedDenoiser(net, guide, guidance=1.8, strategy="separate", compile=True)
+    before = compiled_graphs()
+    for sigma in (sigma, 0.7 * sigma):  # a new noise level must not need a new graph
+        torch.testing.assert_close(compiled(x, sigma, labels), eager(x, sigma, labels), rtol=1e-5, atol=1e-5)
+    assert compiled_graphs() - before == 2  # the evaluation and the combination
+
+
+def test_compile_must_be_a_bool():
+    with pytest.raises(TypeError, match="compile must be True or False, got 'yes'"):
+        fastguide.GuidedDenoiser(MLPDenoiser(), compile="yes")
