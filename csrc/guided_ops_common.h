@@ -36,6 +36,12 @@ inline void check_times(const char* op, double guidance, double t_cur, double t_
   TORCH_CHECK(!positive_t_next || t_next > 0, op, ": t_next must be > 0, got ", t_next);
 }
 
+inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  auto status = at::get_overlap_status(a, b);
+  return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial ||
+         (status == at::MemOverlapStatus::TooHard && a.storage().is_alias_of(b.storage()));
+}
+
 // Where the kernel writes: `out` itself when it is contiguous and either is exactly one of the
 // inputs or overlaps none of them; otherwise a fresh buffer that finish() copies into `out`.
 inline at::Tensor target_for(const at::Tensor& out, const std::vector<at::Tensor>& inputs) {
@@ -73,7 +79,7 @@ void guided_euler_out_impl(c10::DeviceType device_type, const at::Tensor& x, con
   check_tensor(op, "out", out, x);
   check_tensor(op, "deriv_out", deriv_out, x);
   check_times(op, guidance, t_cur, t_next, false);
-  at::assert_no_overlap(out, deriv_out);
+  TORCH_CHECK(!may_overlap(out, deriv_out), op, ": out and deriv_out must not share memory");
   auto inputs = contiguous_inputs({x, d_main, d_guide});
   at::Tensor next = target_for(out, inputs), deriv = target_for(deriv_out, inputs);
   if (x.numel() > 0) launch(inputs, next, deriv);
