@@ -13,6 +13,7 @@ from fastguide import reference
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 COND_KWARGS = ("class_labels", "encoder_hidden_states")
+CLASS_LOOKUPS = ("class_embedding", "class_embedder.embedding_table")
 
 
 def training_sigmas(scheduler):
@@ -118,7 +119,8 @@ class DiffusersDenoiser(nn.Module):
     """D(x; σ, labels) from a diffusers model and its (discrete VP) scheduler.
 
     labels go to the model as class_labels (class-embedding models; one-hot rows are turned into
-    class indices for an nn.Embedding) or as encoder_hidden_states (cross-attention models),
+    class indices for an nn.Embedding, as in UNet2DModel(num_class_embeds=N) and DiT) or as
+    encoder_hidden_states (cross-attention models, cast to the model's dtype),
     detected from the model or set with cond_kwarg.  Learned-variance outputs (2C channels) keep
     their first C channels.  Attributes for samplers and the CLI: sigma_min, sigma_max (training
     range), img_channels, img_resolution, label_dim (number of classes, 0 if none).
@@ -145,7 +147,9 @@ class DiffusersDenoiser(nn.Module):
         model_config = getattr(model, "config", {})
         self.img_channels = _config_int(model_config, "in_channels")
         self.img_resolution = _config_int(model_config, "sample_size")
-        self.label_dim = _config_int(model_config, "num_class_embeds") or 0
+        self.label_dim = (_config_int(model_config, "num_class_embeds")
+                          or _config_int(model_config, "num_embeds_ada_norm") or 0)
+        self._embeds_classes = _has_class_lookup(model)
         self._passes_return_dict = "return_dict" in _forward_parameters(model)
 
     def timestep(self, sigma):
@@ -180,11 +184,10 @@ class DiffusersDenoiser(nn.Module):
         return getattr(out, "sample", out)
 
     def _model_labels(self, labels):
-        """One-hot float rows become class indices when the model embeds classes with nn.Embedding."""
-        embedding = getattr(self.model, "class_embedding", None)
-        if self.cond_kwarg != "class_labels" or not isinstance(embedding, nn.Embedding):
-            return labels
-        if not labels.is_floating_point():
+        """One-hot float rows become class indices when the model looks classes up in an nn.Embedding."""
+        if self.cond_kwarg == "encoder_hidden_states" and labels.is_floating_point():
+            return labels.to(getattr(self.model, "dtype", labels.dtype))
+        if self.cond_kwarg != "class_labels" or not self._embeds_classes or not labels.is_floating_point():
             return labels
         if labels.ndim != 2 or not bool(((labels == 0) | (labels == 1)).all() and (labels.sum(1) == 1).all()):
             raise ValueError(f"float labels for a class-embedding model must be one-hot rows [B, classes], "
@@ -198,6 +201,14 @@ class DiffusersDenoiser(nn.Module):
             # x = x0 + σ·ε with v = α·ε − s·x0 at α = 1/√(σ²+1), s = σ/√(σ²+1), in the model's scaling.
             return x / (sigma_b ** 2 + 1) - out * sigma_b / (sigma_b ** 2 + 1) ** 0.5
         return out
+
+
+def _has_class_lookup(model):
+    """Whether the model embeds class_labels by index (UNet's class_embedding, DiT's class_embedder)."""
+    if not isinstance(model, nn.Module):
+        return False
+    return any(isinstance(module, nn.Embedding) and name.endswith(CLASS_LOOKUPS)
+               for name, module in model.named_modules())
 
 
 def _config_value_str(config, name, default):

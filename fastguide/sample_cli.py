@@ -70,6 +70,8 @@ def run(args):
     except UsageError as exc:
         print(f"fastguide sample: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    if plan["device"].type == "cuda":
+        torch.cuda.set_device(plan["device"])
     if world_size > 1:
         torch.distributed.init_process_group("nccl" if plan["device"].type == "cuda" else "gloo")
     try:

@@ -150,6 +150,26 @@ def test_cross_attention_model_gets_encoder_hidden_states():
         torch.testing.assert_close(denoiser(x, sigma, context), x - 2.0 * out, rtol=1e-6, atol=1e-6)
 
 
+def test_dit_transformer_with_learned_variance():
+    """A DiT: class indices through its class_embedder, and the first C of its 2C output channels."""
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=3, out_channels=6,
+                                          num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=NUM_CLASSES,
+                                          norm_num_groups=1).eval()
+    scheduler = euler_karras("epsilon", 4)
+    denoiser = DiffusersDenoiser(dit, scheduler)
+    assert (denoiser.cond_kwarg, denoiser.label_dim) == ("class_labels", NUM_CLASSES)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 3
+    sigma = torch.full((2,), 3.0)
+    classes = torch.tensor([4, 1])
+    log_sigmas = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt().double().log()
+    with torch.no_grad():
+        out = dit(x / 10 ** 0.5, sigma_to_timestep(sigma, log_sigmas).float(), class_labels=classes).sample
+        expected = x - 3.0 * out[:, :3]
+        torch.testing.assert_close(denoiser(x, sigma, torch.eye(NUM_CLASSES)[classes]), expected,
+                                   rtol=1e-6, atol=1e-6)
+
+
 def test_attributes_for_samplers_and_cli():
     denoiser = DiffusersDenoiser(tiny_unet(), euler_karras("epsilon", 4))
     assert (denoiser.img_channels, denoiser.img_resolution, denoiser.label_dim) == (3, 8, NUM_CLASSES)
