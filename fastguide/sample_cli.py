@@ -28,6 +28,7 @@ from fastguide.sampler import SOLVERS, sample, schedule
 
 FORMATS = ("npz", "png")
 PNG_MODES = {1: "L", 3: "RGB"}
+MAX_SEEDS = 10 ** 7
 
 
 class UsageError(ValueError):
@@ -104,6 +105,8 @@ def parse_seeds(text):
             raise UsageError(f"--seeds: range {item!r} ends before it starts")
         if last >= 2 ** 63:
             raise UsageError(f"--seeds: seed {last} is too large (must be < 2**63)")
+        if len(seeds) + last - first + 1 > MAX_SEEDS:
+            raise UsageError(f"--seeds: {text!r} names more than {MAX_SEEDS} seeds; split the run")
         seeds.extend(range(first, last + 1))
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds: {text!r} names some seeds more than once")

@@ -43,10 +43,10 @@ def relative_error(actual, expected):
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
-@pytest.mark.parametrize("prediction_type, batch", [("epsilon", 3), ("v_prediction", 1), ("v_prediction", 2)])
+@pytest.mark.parametrize("prediction_type, batch", [("epsilon", 3), ("v_prediction", 2)])
 def test_sample_equals_diffusers_euler_cfg_loop(prediction_type, batch):
     unet = tiny_unet()
-    scheduler = euler_karras(prediction_type, num_steps=6)
+    scheduler = euler_karras(prediction_type, num_steps=5)
     generator = torch.Generator().manual_seed(batch)
     noise = torch.randn(batch, 3, 8, 8, generator=generator)
     labels = torch.randint(0, NULL_CLASS, (batch,), generator=generator)
