@@ -72,3 +72,14 @@ def diffusers_flow_match():
                                  block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
     return DiffusersDenoiser(unet, diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def diffusers_unet():
+    """A tiny class-conditional diffusers UNet (5 classes, class 4 trained as 'null') with its scheduler."""
+    import diffusers
+    from fastguide.adapters import DiffusersDenoiser
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=5)
+    return DiffusersDenoiser(unet, diffusers.EulerDiscreteScheduler(prediction_type="v_prediction"))

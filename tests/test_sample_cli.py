@@ -70,7 +70,7 @@ def reference_run(tmp_path_factory):
     return outdir
 
 
-def expected_samples(net, seeds, guidance, num_classes=4, class_idx=None, steps=4, **options):
+def expected_samples(net, seeds, guidance, num_classes=4, class_idx=None, steps=4, null_class=None, **options):
     """What a batch of seeds should give: each seed's noise, then its class, from torch.Generator(seed)."""
     noise, classes = [], []
     for seed in seeds:
@@ -81,6 +81,8 @@ def expected_samples(net, seeds, guidance, num_classes=4, class_idx=None, steps=
     labels = torch.eye(num_classes)[classes]
     if "guide" not in options and guidance != 1:
         options["guide_labels"] = torch.zeros_like(labels)
+        if null_class is not None:
+            options["guide_labels"][:, null_class] = 1
     with torch.no_grad():
         x = fastguide.sample(net, torch.stack(noise), labels=labels, guidance=guidance, num_steps=steps, **options)
     return x, classes
@@ -133,6 +135,25 @@ def test_png_with_guide_interval_and_fixed_class(tmp_path):
     (record,) = records(outdir)
     per_sample = record["counts"]["evaluations_per_sample"]
     assert per_sample["net"] == 5 and 0 < per_sample["guide"] < 5  # the guide is skipped outside (0.3, 5]
+
+
+def test_diffusers_net_with_null_class_cfg(tmp_path):
+    """A DiffusersDenoiser factory: labels from its label_dim, CFG against --null-class, σ range clamped."""
+    outdir = str(tmp_path / "diffusers")
+    assert main(["sample", "--net", "nets_for_cli:diffusers_unet", "--seeds", "4-6", "--steps", "3", "--batch", "3",
+                 "--guidance", "1.5", "--null-class", "4", "--format", "npz", "--outdir", outdir]) == 0
+    from nets_for_cli import diffusers_unet
+    net = diffusers_unet()
+    (record,) = records(outdir)
+    assert record["resolved"]["num_classes"] == 5
+    assert record["resolved"]["sigma_min"] == pytest.approx(net.sigma_min)  # the net's range is narrower
+    assert record["resolved"]["sigma_max"] == 80.0
+    x, classes = expected_samples(net, [4, 5, 6], 1.5, num_classes=5, steps=3, null_class=4,
+                                  sigma_min=net.sigma_min, sigma_max=80.0)
+    for row, path in enumerate(result_files(outdir)):
+        with np.load(path) as data:
+            assert int(data["class_label"]) == classes[row]
+            assert max_rel_err(data["x"], x[row].numpy()) < 1e-5
 
 
 def test_gray_png_needs_shape_and_writes_one_channel(tmp_path):
