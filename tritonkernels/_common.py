@@ -21,16 +21,14 @@ def split_scalar(value):
 
 @triton.jit
 def load_scalar(hi, lo, COMPUTE_F64: tl.constexpr):
-    if COMPUTE_F64:
-        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    return hi
+    """The step scalar in the math type: hi + lo in float64, hi alone in float32."""
+    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64) if COMPUTE_F64 else hi
 
 
 @triton.jit
 def load_block(ptr, offsets, mask, COMPUTE_F64: tl.constexpr):
-    if COMPUTE_F64:
-        return tl.load(ptr + offsets, mask=mask)
-    return tl.load(ptr + offsets, mask=mask).to(tl.float32)
+    """A block of elements in the math type: float64 for float64 tensors, else float32."""
+    return tl.load(ptr + offsets, mask=mask).to(tl.float64 if COMPUTE_F64 else tl.float32)
 
 
 @triton.jit
