@@ -1,11 +1,12 @@
 """`fastguide sample`: sample a denoiser for a list of seeds, one file per seed, resumable.
 
 Every seed's noise (and, for class-conditional nets without --class, its class) comes from its own
-torch.Generator, and the seeds are cut into the same batches whatever the number of processes, so
-the files are byte-identical between a one-process run and `torchrun --nproc_per_node=N -m
-fastguide sample ...` (batches go to ranks round-robin).  Files are written to a temporary name
-and renamed; a rerun skips batches whose files all exist and writes only the missing ones (a
-partly written batch is sampled again whole, so its files stay identical to an uninterrupted run).
+torch.Generator, the seeds are cut into the same batches whatever the number of processes, and the
+evaluation strategy is fixed rather than tuned by timing, so the files are byte-identical between a
+one-process run and `torchrun --nproc_per_node=N -m fastguide sample ...` (batches go to ranks
+round-robin).  Files are written to a temporary name and renamed; a rerun skips batches whose
+files all exist and writes only the missing ones (a partly written batch is sampled again whole,
+so its files stay identical to an uninterrupted run).
 """
 import datetime
 import importlib
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from fastguide import dispatch
+from fastguide.batching import STRATEGIES
 from fastguide.noise import SeededRandn
 from fastguide.sampler import SOLVERS, sample, schedule
 
@@ -61,6 +63,9 @@ def add_arguments(parser):
                         help="png: 8-bit images of x in [-1, 1]; npz: the float32 sample itself")
     parser.add_argument("--device", help="default: cuda (this rank's GPU) if available, else cpu")
     parser.add_argument("--backend", default="auto", help="fused-op backend (default auto)")
+    parser.add_argument("--strategy", choices=STRATEGIES,
+                        help="how net and guide are evaluated together (default: cfg-batch for CFG, else separate; "
+                             "not auto, whose timing-based choice could make files differ between runs)")
 
 
 def run(args):
@@ -170,10 +175,13 @@ def _prepare(args, local_rank):
     except (TypeError, ValueError) as exc:
         raise UsageError(f"the noise schedule (--sigma-min, --sigma-max, --rho, clamped to the net's "
                          f"sigma range): {exc}") from None
+    strategy = args.strategy or ("separate" if guide is not None else "cfg-batch")
+    if strategy == "cfg-batch" and guide is not None:
+        raise UsageError("--strategy cfg-batch is for CFG (no --guide)")
     outdir = _make_outdir(args.outdir)
     net, guide = (_to_device(m, device) for m in (net, guide))
     return dict(seeds=seeds, device=device, net=net, guide=guide, num_classes=num_classes, shape=shape,
-                sigma_min=sigma_min, sigma_max=sigma_max, outdir=outdir, args=args,
+                sigma_min=sigma_min, sigma_max=sigma_max, strategy=strategy, outdir=outdir, args=args,
                 setup_s=time.perf_counter() - started)
 
 
@@ -300,7 +308,8 @@ def _sample_batch(plan, batch_seeds):
         samples, stats = sample(plan["net"], noise, labels=labels, guide=plan["guide"], guide_labels=guide_labels,
                                 guidance=args.guidance, guidance_interval=args.interval, num_steps=args.steps,
                                 sigma_min=plan["sigma_min"], sigma_max=plan["sigma_max"], rho=args.rho,
-                                solver=args.solver, backend=args.backend, return_stats=True)
+                                solver=args.solver, backend=args.backend, strategy=plan["strategy"],
+                                return_stats=True)
     return samples.float().cpu(), classes, stats
 
 
@@ -374,7 +383,7 @@ def _write_record(args, plan, all_counts, world_size, total_s):
         device=str(plan["device"]), world_size=world_size,
         backend=next((c["backend"] for c in all_counts if c["backend"]), None),
         resolved=dict(shape=list(plan["shape"]), num_classes=plan["num_classes"], sigma_min=plan["sigma_min"],
-                      sigma_max=plan["sigma_max"], seeds=len(plan["seeds"])),
+                      sigma_max=plan["sigma_max"], strategy=plan["strategy"], seeds=len(plan["seeds"])),
         timings=dict(total_s=total_s, sampling_s=sampling_s, setup_s=max(c["setup_s"] for c in all_counts),
                      samples_per_s=written / sampling_s if sampling_s > 0 else None),
         counts=dict(written=written, skipped=sum(c["skipped"] for c in all_counts),

@@ -112,6 +112,7 @@ def test_one_file_per_seed_with_the_seeds_own_noise_and_class(reference_run):
     assert record["arguments"]["seeds"] == "0-11" and record["world_size"] == 1
     assert record["versions"]["torch"] == torch.__version__
     assert record["backend"] in fastguide.dispatch.NAMES
+    assert record["resolved"]["strategy"] == "cfg-batch"
     assert record["counts"]["written"] == 12 and record["counts"]["batches_run"] == 6
     assert record["counts"]["evaluations_per_sample"] == {"net": 7, "guide": 7}  # Heun: 2·4 − 1
     assert record["timings"]["sampling_s"] > 0
@@ -251,6 +252,7 @@ BAD_INPUTS = {
                                "needs --guide"),
     "bad interval": (["--interval", "3", "1"], "LO < HI"),
     "bad steps": (["--steps", "0"], "--steps must be >= 1"),
+    "cfg-batch with guide": (["--guide", "nets_for_cli:tiny_guide", "--strategy", "cfg-batch"], "is for CFG"),
 }
 
 
