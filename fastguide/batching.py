@@ -34,6 +34,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 STRATEGIES = ("auto", "separate", "cfg-batch", "stacked", "streams")
 MARGIN = 0.95          # a candidate must take at most MARGIN × the "separate" time to be chosen
@@ -349,3 +350,22 @@ class _TunerCache:
 
 
 TUNERS = _TunerCache()
+
+
+class ComputeOpCounter(TorchDispatchMode):
+    """Records the compute operators dispatched inside its `with` block (a GPU kernel-launch proxy).
+
+    Views are not counted: operators whose schema says the output aliases an input without
+    writing it (view, reshape of a contiguous tensor, select, slice, expand, detach...), and
+    _unsafe_view (a view the schema does not mark).  In-place operators are counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aliases = [ret.alias_info for ret in func._schema.returns]
+        is_view = any(a is not None and not a.is_write for a in aliases) or func is torch.ops.aten._unsafe_view.default
+        if not is_view:
+            self.ops.append(func)
+        return func(*args, **(kwargs or {}))

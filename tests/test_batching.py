@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastguide
 from fastguide import batching
@@ -286,23 +285,7 @@ def test_auto_choice_is_cached_shared_visible_and_logged(caplog):
     assert len(second.tuners) == 2 and second.stats["strategy"] == "separate"  # a new key starts tuning
 
 
-class ComputeOps(TorchDispatchMode):
-    """Counts the compute operators dispatched (the GPU kernel-launch proxy).
-
-    Views are not counted: operators whose schema says the output aliases an input without
-    writing it (view, reshape, select, slice, expand, unsqueeze, detach...), and _unsafe_view (a
-    view that the schema does not mark)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        aliases = [ret.alias_info for ret in func._schema.returns]
-        is_view = any(a is not None and not a.is_write for a in aliases) or func is torch.ops.aten._unsafe_view.default
-        if not is_view:
-            self.ops.append(func)
-        return func(*args, **(kwargs or {}))
+ComputeOps = batching.ComputeOpCounter
 
 
 # functorch's batching rule for addmm (every nn.Linear) emits bmm, bias·β and add: 3 operators for
