@@ -92,10 +92,10 @@ def _use_kernel(x):
         and dispatch._load_extension()[0] and dispatch._has_op("mixture_score", "CPU")
 
 
-def score_and_logp_reference(x, sigma, means, covs, log_weights):
-    """(score [N,2], logp [N]) of the noised mixture in float64 PyTorch; sigma is a [N] tensor."""
-    x, sigma = x.double(), sigma.double()
-    means, covs, log_weights = (t.to(x.device, torch.float64) for t in (means, covs, log_weights))
+def score_and_logp_reference(x, sigma, means, covs, log_weights, dtype=torch.float64):
+    """(score [N,2], logp [N]) of the noised mixture in plain PyTorch (in `dtype`); sigma is a [N] tensor."""
+    x, sigma = x.to(dtype), sigma.to(dtype)
+    means, covs, log_weights = (t.to(x.device, dtype) for t in (means, covs, log_weights))
     scores, logps = [], []
     for lo in range(0, x.shape[0], _CHUNK):
         var = sigma[lo:lo + _CHUNK, None] ** 2                       # [n,1]
