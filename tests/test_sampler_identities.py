@@ -45,13 +45,16 @@ def test_cfg_one_batch_equals_two_separate_calls():
     noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
     labels, null = labels_for([0, 1, 1, 0]), labels_for([2, 2, 2, 2])
     cfg, stats = fastguide.sample(net, noise, labels=labels, guide_labels=null, guidance=3.0, num_steps=6,
-                                  return_stats=True)
+                                  return_stats=True, strategy="cfg-batch")
     assert net.calls == 2 * 6 - 1  # one 2B call per evaluation
     assert stats["net"] == stats["guide"] == 2 * 6 - 1
     plain = GaussianDenoiser(std=0.6, class_means=CLASS_MEANS)
     separate = fastguide.sample(plain, noise, labels=labels, guide=lambda x, s, l: plain(x, s, null),
                                 guidance=3.0, num_steps=6)
     torch.testing.assert_close(cfg, separate, rtol=1e-6, atol=1e-6)
+    auto = fastguide.sample(GaussianDenoiser(std=0.6, class_means=CLASS_MEANS), noise, labels=labels,
+                            guide_labels=null, guidance=3.0, num_steps=6)
+    torch.testing.assert_close(auto, cfg, rtol=1e-6, atol=1e-6)
 
 
 def test_guide_labels_go_to_the_guide_when_a_guide_is_given():
