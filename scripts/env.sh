@@ -9,7 +9,8 @@ VPY="$ROOT/.venv/bin/python"
 STAMP=.venv/.fastguide-deps
 REQS="torch==2.13.0 triton==3.7.1 numpy tqdm safetensors matplotlib pytest hypothesis pytest-benchmark diffusers ninja setuptools wheel"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQS" ]; then
-    "$VPY" -m pip install -q --disable-pip-version-check $REQS
+    # (this machine's pip config names local indexes that may be absent: drop those warnings)
+    "$VPY" -m pip install -q --disable-pip-version-check $REQS 2> >(grep -v "^WARNING: Location" >&2)
     echo "$REQS" > "$STAMP"
 fi
 # Editable install (package + the `fastguide` console command) once; the extension itself is
