@@ -131,7 +131,8 @@ def _write_figures(out, truth, real, samples, models, bar):
     bar.update()
     bar.set_postfix_str("figure 2")
     figures.figure2(out / "figure2.png", models["main"].cpu(), models["guide_auto"].cpu(), truth,
-                    guidance=HEADLINE["autoguidance"])
+                    guidance=HEADLINE["autoguidance"],
+                    title="autoguidance: main model p₁ (width 64) guided by a smaller, shorter-trained p₀ (width 32)")
     bar.update()
 
 

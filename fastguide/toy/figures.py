@@ -95,27 +95,29 @@ def guided_score(main, guide, guidance, sigma, points):
     return score0 + guidance * (score1 - score0)
 
 
-def figure2(path, main, guide, ground_truth, *, guidance, sigmas=(0.06, 0.2), extent=EXTENT, resolution=160,
-            arrows=24):
+def figure2(path, main, guide, ground_truth, *, guidance, sigmas=(0.05, 0.15), extent=EXTENT,
+            resolution=128, arrows=40, title=None):
     """Writes the Figure 2 analogue to path: one row per σ in sigmas.
 
-    Columns: log p1 (main model), log p0 (guide), log(p1/p0), and the guided score
-    ∇log p0 + w·∇log(p1/p0) (arrows of unit length, coloured by log-magnitude) over the ground
-    truth noised to σ.  Densities are normalised over the plotted grid.
+    Columns: log p1 (main model), log p0 (guide), log(p1/p0), and the guided density
+    p0·(p1/p0)^w with stream lines of its score ∇log p0 + w·∇log(p1/p0).  Densities are
+    normalised over the plotted grid; the black line outlines the ground truth noised to σ.
     """
     xs, ys, points = grid(extent, resolution)
     fig = Figure(figsize=(14.4, 3.8 * len(sigmas)), dpi=120, layout="constrained")
     rows = fig.subplots(len(sigmas), 4, squeeze=False)
+    if title:
+        fig.suptitle(title, fontsize=12)
     for axes, sigma in zip(rows, sigmas):
         log_p1, log_p0 = model_log_densities(main, guide, sigma, points)
         log_p1 = normalized_log_density(log_p1.reshape(resolution, resolution), xs, ys)
         log_p0 = normalized_log_density(log_p0.reshape(resolution, resolution), xs, ys)
         truth = normalized_log_density(_truth_logp(ground_truth, points, sigma).reshape(resolution, resolution), xs, ys)
-        for ax, logp, title in ((axes[0], log_p1, "main model  log p₁"), (axes[1], log_p0, "guide  log p₀")):
+        for ax, logp, title in ((axes[0], log_p1, r"main model $\log p_1$"), (axes[1], log_p0, r"guide $\log p_0$")):
             fig.colorbar(_shade_density(ax, xs, ys, logp, cmap="viridis"), ax=ax, shrink=0.8)
-            ax.set_title(f"{title}   (σ = {sigma:g})", fontsize=10)
+            ax.set_title(rf"{title}   ($\sigma$ = {sigma:g})", fontsize=10)
         _ratio_panel(fig, axes[2], xs, ys, log_p1 - log_p0, truth)
-        _score_panel(fig, axes[3], main, guide, guidance, sigma, xs, ys, truth, extent, arrows)
+        _score_panel(fig, axes[3], main, guide, guidance, sigma, xs, ys, log_p1, log_p0, truth, extent, arrows)
         for ax in axes:
             _frame(ax, extent)
     fig.savefig(path)
@@ -131,7 +133,7 @@ def _ratio_panel(fig, ax, xs, ys, log_ratio, truth):
                       extent=(float(xs[0]), float(xs[-1]), float(ys[0]), float(ys[-1])))
     _outline(ax, xs, ys, truth)
     fig.colorbar(image, ax=ax, shrink=0.8)
-    ax.set_title("log(p₁ / p₀)   (red: main more likely)", fontsize=10)
+    ax.set_title(r"$\log(p_1 / p_0)$   (red: main more likely)", fontsize=10)
 
 
 def _outline(ax, xs, ys, truth, depth=6.0):
@@ -140,16 +142,16 @@ def _outline(ax, xs, ys, truth, depth=6.0):
                colors="k", linewidths=0.5, alpha=0.6)
 
 
-def _score_panel(fig, ax, main, guide, guidance, sigma, xs, ys, truth, extent, arrows):
-    """Unit arrows of the guided score on a coarse grid, coloured by log10 of its magnitude."""
-    _shade_density(ax, xs, ys, truth, alpha=0.5)
+def _score_panel(fig, ax, main, guide, guidance, sigma, xs, ys, log_p1, log_p0, truth, extent, arrows):
+    """Stream lines of the guided score over the guided density p0·(p1/p0)^w, coloured by log10 |score|."""
+    guided = normalized_log_density(log_p0 + guidance * (log_p1 - log_p0), xs, ys)
+    _shade_density(ax, xs, ys, guided, depth=8.0, alpha=0.6)
+    _outline(ax, xs, ys, truth)
     coarse_xs, coarse_ys, coarse = grid(extent, arrows)
-    score = guided_score(main, guide, guidance, sigma, coarse)
-    magnitude = score.norm(dim=1).clamp_min(1e-12)
-    direction = score / magnitude[:, None]
-    quiver = ax.quiver(coarse[:, 0].numpy(), coarse[:, 1].numpy(), direction[:, 0].numpy(),
-                       direction[:, 1].numpy(), magnitude.log10().numpy(), cmap="plasma",
-                       angles="xy", scale_units="xy", scale=arrows / (extent[1] - extent[0]) / 0.8,
-                       width=0.004)
-    fig.colorbar(quiver, ax=ax, shrink=0.8, label="log₁₀ |score|")
-    ax.set_title(f"guided score  ∇log p₀ + {guidance:g}·∇log(p₁/p₀)", fontsize=10)
+    score = guided_score(main, guide, guidance, sigma, coarse).reshape(arrows, arrows, 2)
+    magnitude = score.norm(dim=2).clamp_min(1e-12)
+    lines = ax.streamplot(coarse_xs.numpy(), coarse_ys.numpy(), score[..., 0].numpy(), score[..., 1].numpy(),
+                          color=magnitude.log10().numpy(), cmap="plasma", density=1.1, linewidth=0.7,
+                          arrowsize=0.7)
+    fig.colorbar(lines.lines, ax=ax, shrink=0.8, label=r"$\log_{10}$ |score|")
+    ax.set_title(rf"guided $p_0\,(p_1/p_0)^{{{guidance:g}}}$ and its score", fontsize=10)
