@@ -1,7 +1,7 @@
 """The fused guided step (guided_euler + guided_heun) against the naive eager expressions of an
 EDM2-style sampler loop, torch.compile of the same expressions, and a plain copy, in one run.
 
-    python benchmarks/bench_ops.py [--sizes 1M 16M] [--repeats 15] [--backend cpp] [--no-compile]
+    python benchmarks/bench_ops.py [--sizes 1M 16M] [--repeats 15] [--backend cpp] [--no-compile] [--threads N]
 
 Prints a markdown table: the best time per step over the repeats (on a shared, noisy machine
 the minimum is the steadiest estimate of what the code costs), speed-up over naive eager, and the bandwidth
@@ -28,14 +28,25 @@ def make_inputs(numel, seed=0):
     return {name: torch.randn(numel, generator=generator) for name in names}
 
 
-def naive_step(x, d_main, d_guide, d_main_next, d_guide_next, guidance=GUIDANCE, t_cur=T_CUR, t_next=T_NEXT):
-    """The per-step expressions of an EDM2-style guided Heun loop, as eager PyTorch writes them."""
+def naive_euler(x, d_main, d_guide, guidance=GUIDANCE, t_cur=T_CUR, t_next=T_NEXT):
+    """The Euler half of an EDM2-style guided Heun step, as eager PyTorch writes it."""
     denoised = d_guide.lerp(d_main, guidance)
     d_cur = (x - denoised) / t_cur
-    x_next = x + (t_next - t_cur) * d_cur
+    return x + (t_next - t_cur) * d_cur, d_cur
+
+
+def naive_heun(x, x_next, d_cur, d_main_next, d_guide_next, guidance=GUIDANCE, t_cur=T_CUR, t_next=T_NEXT):
+    """The Heun correction, with the predictions made at x_next (by a model call in between)."""
     denoised = d_guide_next.lerp(d_main_next, guidance)
     d_prime = (x_next - denoised) / t_next
     return x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+
+
+def naive_step(x, d_main, d_guide, d_main_next, d_guide_next, euler=naive_euler, heun=naive_heun):
+    """One step. The model call between the halves means x_next and d_cur exist in memory, so a
+    compiler sees (and may fuse) each half, not the whole step."""
+    x_next, d_cur = euler(x, d_main, d_guide)
+    return heun(x, x_next, d_cur, d_main_next, d_guide_next)
 
 
 def fused_step_fn(inputs, backend):
@@ -82,8 +93,8 @@ def measure(numel, repeats, backend, with_compile):
     fused = fused_step_fn(inputs, backend)
     compiled = None
     if with_compile:
-        compiled_step = torch.compile(naive_step, fullgraph=True, dynamic=False)
-        compiled = lambda: compiled_step(*inputs.values())  # noqa: E731
+        euler, heun = (torch.compile(fn, fullgraph=True, dynamic=False) for fn in (naive_euler, naive_heun))
+        compiled = lambda: naive_step(*inputs.values(), euler=euler, heun=heun)  # noqa: E731
     check_same_result(inputs, fused, compiled)
     variants = {"naive eager": lambda: naive_step(*inputs.values())}
     if compiled is not None:
@@ -125,7 +136,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--backend", default="cpp")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every variant (default: torch's); 1 on an oversubscribed machine")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {args.backend}, "
           f"best of {args.repeats}\n")
     for size in args.sizes:

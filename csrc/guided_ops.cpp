@@ -8,6 +8,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <optional>
 #include <tuple>
@@ -21,6 +23,34 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kGrain = 1 << 15;  // elements per thread task: small inputs stay on one thread
+// Outputs at least this large are written with non-temporal (streaming) stores: they will not be
+// read again before they leave the cache, and streaming skips reading each line before writing it.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+#if defined(CPU_CAPABILITY_AVX2)
+inline void stream_vector(float* p, const Vectorized<float>& v) { _mm256_stream_ps(p, v); }
+inline void stream_vector(double* p, const Vectorized<double>& v) { _mm256_stream_pd(p, v); }
+template <typename half_t>
+inline void stream_vector(half_t* p, const Vectorized<half_t>& v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+}
+inline void stream_fence() { _mm_sfence(); }
+#else
+template <typename scalar_t, typename V>
+inline void stream_vector(scalar_t* p, const V& v) { v.store(p); }
+inline void stream_fence() {}
+#endif
+
+// Whether every output can take streaming stores: large, and 32-byte aligned so that each full
+// chunk (chunks start at multiples of the vector size) is aligned too.
+template <typename scalar_t>
+bool use_streaming(int64_t n, std::initializer_list<const scalar_t*> outputs) {
+  if (n * int64_t(sizeof(scalar_t)) < kStreamBytes) return false;
+  for (const scalar_t* p : outputs) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 != 0) return false;
+  }
+  return true;
+}
 
 // A chunk of kSize elements of scalar_t held as kParts math vectors (float for half types).
 template <typename scalar_t>
@@ -31,8 +61,9 @@ struct Lanes {
   static void load(const scalar_t* p, int64_t count, Math* parts) {
     parts[0] = count == kSize ? Math::loadu(p) : Math::loadu(p, count);
   }
-  static void store(scalar_t* p, int64_t count, const Math* parts) {
-    count == kSize ? parts[0].store(p) : parts[0].store(p, count);
+  static void store(scalar_t* p, int64_t count, const Math* parts, bool streaming) {
+    if (count != kSize) return parts[0].store(p, count);
+    streaming ? stream_vector(p, parts[0]) : parts[0].store(p);
   }
 };
 
@@ -47,9 +78,10 @@ struct HalfLanes {
     Storage v = count == kSize ? Storage::loadu(p) : Storage::loadu(p, count);
     std::tie(parts[0], parts[1]) = at::vec::convert_to_float<half_t>(v);
   }
-  static void store(half_t* p, int64_t count, const Math* parts) {
+  static void store(half_t* p, int64_t count, const Math* parts, bool streaming) {
     Storage v = at::vec::convert_from_float<half_t>(parts[0], parts[1]);
-    count == kSize ? v.store(p) : v.store(p, count);
+    if (count != kSize) return v.store(p, count);
+    streaming ? stream_vector(p, v) : v.store(p);
   }
 };
 
@@ -58,14 +90,21 @@ struct Lanes<at::Half> : HalfLanes<at::Half> {};
 template <>
 struct Lanes<at::BFloat16> : HalfLanes<at::BFloat16> {};
 
+// Threads split the elements at whole chunks (multiples of the vector size).
+template <typename L>
+int64_t chunks(int64_t n) {
+  return (n + L::kSize - 1) / L::kSize;
+}
+
 template <typename scalar_t, bool kHasGuide>
 void euler_kernel(const scalar_t* x, const scalar_t* d_main, const scalar_t* d_guide, scalar_t* out,
                   scalar_t* deriv_out, int64_t n, fastguide::EulerScalars<at::opmath_type<scalar_t>> s) {
   using L = Lanes<scalar_t>;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  const bool streaming = use_streaming<scalar_t>(n, {out, deriv_out});
+  at::parallel_for(0, chunks<L>(n), kGrain / L::kSize, [&](int64_t chunk_begin, int64_t chunk_end) {
     typename L::Math xv[L::kParts], main[L::kParts], guide[L::kParts], next[L::kParts], deriv[L::kParts];
-    for (int64_t i = begin; i < end; i += L::kSize) {
-      int64_t count = std::min(L::kSize, end - i);
+    for (int64_t i = chunk_begin * L::kSize; i < chunk_end * L::kSize && i < n; i += L::kSize) {
+      int64_t count = std::min(L::kSize, n - i);
       L::load(x + i, count, xv);
       L::load(d_main + i, count, main);
       if constexpr (kHasGuide) L::load(d_guide + i, count, guide);
@@ -73,9 +112,10 @@ void euler_kernel(const scalar_t* x, const scalar_t* d_main, const scalar_t* d_g
         auto denoised = kHasGuide ? fastguide::guided_denoised(main[k], guide[k], s.guidance) : main[k];
         fastguide::euler_update(xv[k], denoised, s, next[k], deriv[k]);
       }
-      L::store(out + i, count, next);
-      L::store(deriv_out + i, count, deriv);
+      L::store(out + i, count, next, streaming);
+      L::store(deriv_out + i, count, deriv, streaming);
     }
+    if (streaming) stream_fence();
   });
 }
 
@@ -83,10 +123,11 @@ template <typename scalar_t, bool kHasGuide>
 void heun_kernel(const scalar_t* x, const scalar_t* deriv_in, const scalar_t* d_main, const scalar_t* d_guide,
                  scalar_t* out, int64_t n, fastguide::HeunScalars<at::opmath_type<scalar_t>> s) {
   using L = Lanes<scalar_t>;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  const bool streaming = use_streaming<scalar_t>(n, {out});
+  at::parallel_for(0, chunks<L>(n), kGrain / L::kSize, [&](int64_t chunk_begin, int64_t chunk_end) {
     typename L::Math xv[L::kParts], deriv[L::kParts], main[L::kParts], guide[L::kParts], next[L::kParts];
-    for (int64_t i = begin; i < end; i += L::kSize) {
-      int64_t count = std::min(L::kSize, end - i);
+    for (int64_t i = chunk_begin * L::kSize; i < chunk_end * L::kSize && i < n; i += L::kSize) {
+      int64_t count = std::min(L::kSize, n - i);
       L::load(x + i, count, xv);
       L::load(deriv_in + i, count, deriv);
       L::load(d_main + i, count, main);
@@ -95,8 +136,9 @@ void heun_kernel(const scalar_t* x, const scalar_t* deriv_in, const scalar_t* d_
         auto denoised = kHasGuide ? fastguide::guided_denoised(main[k], guide[k], s.guidance) : main[k];
         next[k] = fastguide::heun_update(xv[k], deriv[k], denoised, s);
       }
-      L::store(out + i, count, next);
+      L::store(out + i, count, next, streaming);
     }
+    if (streaming) stream_fence();
   });
 }
 

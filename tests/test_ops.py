@@ -217,6 +217,20 @@ def test_large_odd_size(backend, device, dtype, generator):
     assert_matches("heun x_next", heun_out, heun64(x, deriv, d_main, d_guide, 3.0, 2.7, 0.4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cpp_streaming_stores_at_large_sizes(dtype, generator):
+    """Outputs of 8 MiB and more take the kernels' non-temporal store path (odd sizes just above it)."""
+    numel = (8 << 20) // torch.finfo(dtype).bits * 8 + 7
+    x, d_main, d_guide, deriv = inputs_for(generator, (numel,), None, dtype, "cpu")
+    out, deriv_out = poisoned_output((numel,), None, dtype, "cpu"), poisoned_output((numel,), None, dtype, "cpu")
+    ops.guided_euler(x, d_main, d_guide, 2.5, 2.7, 0.4, out=out, deriv_out=deriv_out, backend="cpp")
+    expected_next, expected_deriv = euler64(x, d_main, d_guide, 2.5, 2.7, 0.4)
+    assert_matches("x_next", out, expected_next)
+    assert_matches("deriv", deriv_out, expected_deriv)
+    ops.guided_heun(x, deriv, d_main, None, 2.5, 2.7, 0.4, out=out, backend="cpp")
+    assert_matches("heun x_next", out, heun64(x, deriv, d_main, None, 2.5, 2.7, 0.4))
+
+
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_euler_to_zero_and_fresh_outputs(backend, device, generator):
     """The last step goes to t_next = 0; without out= the ops allocate contiguous results."""

@@ -1,6 +1,7 @@
 """What both Triton ops share: launch sizes, scalar packing, contiguous inputs and safe outputs."""
 import os
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -15,8 +16,8 @@ NUM_WARPS = 8
 def split_scalar(value):
     """value as a float32 pair (hi, lo) with hi + lo ≈ value to ~48 bits: Triton passes Python
     floats as float32, so float64 kernels rebuild their scalars from the pair."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    hi = float(numpy.float32(value))
+    return hi, float(numpy.float32(value - hi))
 
 
 @triton.jit
