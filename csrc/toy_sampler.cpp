@@ -1,0 +1,288 @@
+// The fused toy sampler on CPU: the whole guided Euler/Heun run over a pair of toy MLP
+// denoisers (fastguide/toy/model.py) in one op, for tiles of points kept in cache.
+//
+// Per evaluation of one model at noise level sigma, for a tile of T points x [T×2]:
+//   forward   z_0 = x_in·w_0ᵀ,  s_l = silu(z_l),  z_l = s_{l-1}·(w_l/0.596)ᵀ,
+//   output    y = s_{L-1}·(w_out/0.596)ᵀ,  logp = gain·mean(y²)/σ − ½‖x·c_in‖²
+//   backward  ∂logp/∂s_{L-1} = (2·gain/(H·σ))·s_{L-1}·M  with M = (w_out/0.596)ᵀ(w_out/0.596),
+//             ∂/∂z_l = ∂/∂s_l ⊙ silu'(z_l),  ∂/∂s_{l-1} = ∂/∂z_l·(w_l/0.596),
+//             score = c_in·(∂/∂z_0·w_0)[:, :2] − c_in²·x,   D = x + σ²·score.
+// (mp_silu = silu/0.596 is folded into the weights; the output layer and its backward are
+// folded into the one product with M.)  All matrix products are [T×K]·[K×N] with both
+// operands row-major, done by one register-blocked kernel whose epilogue applies the
+// element-wise step.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <memory>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int kVec = Vec::size();
+constexpr int kColBlock = 2 * kVec;  // columns per register block
+constexpr int kRowBlock = 6;         // rows per register block (12 accumulators)
+constexpr int kTile = 48;            // points per tile (a multiple of kRowBlock)
+constexpr float kSiluScale = 0.596f;
+
+// One model's weights, prepared once per call.
+struct Model {
+  int hidden = 0;
+  int layers = 0;                 // hidden layers L (w_0 .. w_{L-1})
+  std::vector<float> w0;          // [H×4] as given
+  std::vector<std::vector<float>> fwd;  // l = 1..L-1: (w_l/0.596)ᵀ, [H_in×H_out]
+  std::vector<std::vector<float>> bwd;  // l = 1..L-1: w_l/0.596, [H_out×H_in]
+  std::vector<float> gram;        // M = (w_out/0.596)ᵀ(w_out/0.596), [H×H]
+  float gain = 0.f;
+  double sigma_data = 0.5;
+};
+
+// Per-thread buffers for one model and one tile.
+struct Scratch {
+  std::vector<float> act_a, act_b;   // activations / gradients, [T×H]
+  std::vector<float> slope;          // silu'(z_l) for every layer, [L×T×H]
+  std::vector<float> col0, col1, bias;  // per evaluation: layer-0 weights for x, and the bias
+  explicit Scratch(const Model& m)
+      : act_a(kTile * m.hidden), act_b(kTile * m.hidden), slope((size_t)m.layers * kTile * m.hidden),
+        col0(m.hidden), col1(m.hidden), bias(m.hidden) {}
+};
+
+inline void silu_and_slope(Vec z, Vec& s, Vec& slope) {
+  const Vec one(1.f);
+  Vec sig = one / (one + z.neg().exp());
+  s = z * sig;
+  slope = sig * at::vec::fmadd(z, one - sig, one);
+}
+
+// C[T×N] = A[T×K]·B[K×N] (row-major, N a multiple of kColBlock); epi(row, col, acc0, acc1)
+// receives each finished block of 2 vectors.
+template <class Epilogue>
+inline void matmul_tile(const float* a, int k_dim, const float* b, int n_dim, Epilogue&& epi) {
+  for (int r0 = 0; r0 < kTile; r0 += kRowBlock) {
+    const float* a_rows = a + r0 * k_dim;
+    for (int c0 = 0; c0 < n_dim; c0 += kColBlock) {
+      Vec acc0[kRowBlock], acc1[kRowBlock];
+      for (int r = 0; r < kRowBlock; ++r) acc0[r] = acc1[r] = Vec(0.f);
+      const float* b_col = b + c0;
+      for (int k = 0; k < k_dim; ++k) {
+        Vec b0 = Vec::loadu(b_col + k * n_dim);
+        Vec b1 = Vec::loadu(b_col + k * n_dim + kVec);
+        for (int r = 0; r < kRowBlock; ++r) {
+          Vec av(a_rows[r * k_dim + k]);
+          acc0[r] = at::vec::fmadd(av, b0, acc0[r]);
+          acc1[r] = at::vec::fmadd(av, b1, acc1[r]);
+        }
+      }
+      for (int r = 0; r < kRowBlock; ++r) epi(r0 + r, c0, acc0[r], acc1[r]);
+    }
+  }
+}
+
+// D(x) of one model at sigma for a tile: x [T×2] -> denoised [T×2].
+void denoise_tile(const Model& m, Scratch& s, const float* x, double sigma, float* denoised) {
+  const int H = m.hidden;
+  const double c_in_d = 1.0 / std::sqrt(m.sigma_data * m.sigma_data + sigma * sigma);
+  const float c_in = (float)c_in_d;
+  const float log_sigma = (float)(std::log(sigma) / 4.0);
+  for (int j = 0; j < H; ++j) {
+    const float* w = &m.w0[j * 4];
+    s.col0[j] = c_in * w[0];
+    s.col1[j] = c_in * w[1];
+    s.bias[j] = w[2] * log_sigma + w[3];
+  }
+  // Layer 0: z_0 = c_in·x·w_0[:, :2]ᵀ + bias.
+  float* act = s.act_a.data();
+  float* other = s.act_b.data();
+  for (int p = 0; p < kTile; ++p) {
+    const Vec x0(x[2 * p]), x1(x[2 * p + 1]);
+    for (int j = 0; j < H; j += kVec) {
+      Vec z = at::vec::fmadd(x0, Vec::loadu(&s.col0[j]),
+                             at::vec::fmadd(x1, Vec::loadu(&s.col1[j]), Vec::loadu(&s.bias[j])));
+      Vec act_v, slope_v;
+      silu_and_slope(z, act_v, slope_v);
+      act_v.store(act + p * H + j);
+      slope_v.store(&s.slope[p * H + j]);
+    }
+  }
+  // Hidden layers 1..L-1.
+  for (int l = 1; l < m.layers; ++l) {
+    float* slope = &s.slope[(size_t)l * kTile * H];
+    matmul_tile(act, H, m.fwd[l - 1].data(), H, [&](int p, int c, Vec z0, Vec z1) {
+      Vec a0, a1, d0, d1;
+      silu_and_slope(z0, a0, d0);
+      silu_and_slope(z1, a1, d1);
+      a0.store(other + p * H + c);
+      a1.store(other + p * H + c + kVec);
+      d0.store(slope + p * H + c);
+      d1.store(slope + p * H + c + kVec);
+    });
+    std::swap(act, other);
+  }
+  // Output layer and its backward in one product: ∂logp/∂z_{L-1}.
+  const Vec coef((float)(2.0 * m.gain / (H * sigma)));
+  {
+    const float* slope = &s.slope[(size_t)(m.layers - 1) * kTile * H];
+    matmul_tile(act, H, m.gram.data(), H, [&](int p, int c, Vec g0, Vec g1) {
+      (coef * g0 * Vec::loadu(slope + p * H + c)).store(other + p * H + c);
+      (coef * g1 * Vec::loadu(slope + p * H + c + kVec)).store(other + p * H + c + kVec);
+    });
+    std::swap(act, other);
+  }
+  // Backward through hidden layers L-1..1: ∂/∂z_{l-1} = (∂/∂z_l·w_l') ⊙ silu'(z_{l-1}).
+  for (int l = m.layers - 1; l >= 1; --l) {
+    const float* slope = &s.slope[(size_t)(l - 1) * kTile * H];
+    matmul_tile(act, H, m.bwd[l - 1].data(), H, [&](int p, int c, Vec g0, Vec g1) {
+      (g0 * Vec::loadu(slope + p * H + c)).store(other + p * H + c);
+      (g1 * Vec::loadu(slope + p * H + c + kVec)).store(other + p * H + c + kVec);
+    });
+    std::swap(act, other);
+  }
+  // score = c_in·(∂/∂z_0·w_0[:, :2]) − c_in²·x;  D = x + σ²·score.
+  const float sigma_sq = (float)(sigma * sigma);
+  const float c_in_sq = (float)(c_in_d * c_in_d);
+  for (int p = 0; p < kTile; ++p) {
+    Vec acc0(0.f), acc1(0.f);
+    for (int j = 0; j < H; j += kVec) {
+      Vec g = Vec::loadu(act + p * H + j);
+      acc0 = at::vec::fmadd(g, Vec::loadu(&s.col0[j]), acc0);  // col0 already holds c_in·w_0[:, 0]
+      acc1 = at::vec::fmadd(g, Vec::loadu(&s.col1[j]), acc1);
+    }
+    float grad0 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc0);
+    float grad1 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc1);
+    for (int f = 0; f < 2; ++f) {
+      const float xf = x[2 * p + f];
+      const float score = (f == 0 ? grad0 : grad1) - c_in_sq * xf;
+      denoised[2 * p + f] = xf + sigma_sq * score;
+    }
+  }
+}
+
+struct Step {
+  double t_hat, t_next;
+  bool guided_euler, guided_heun, heun;
+};
+
+// D = D_guide + w·(D_main − D_guide) at sigma for the tile (the guide only when `guided`).
+void guided_denoise(const Model& main, const Model* guide, Scratch& s_main, Scratch* s_guide,
+                    const float* x, double sigma, bool guided, float guidance, float* d_main, float* d_guide) {
+  denoise_tile(main, s_main, x, sigma, d_main);
+  if (!guided) return;
+  denoise_tile(*guide, *s_guide, x, sigma, d_guide);
+  for (int i = 0; i < 2 * kTile; ++i) d_main[i] = d_guide[i] + guidance * (d_main[i] - d_guide[i]);
+}
+
+// The whole sampler run for one tile; x is updated in place.
+void run_tile(const Model& main, const Model* guide, const std::vector<Step>& steps, float guidance,
+              Scratch& s_main, Scratch* s_guide, float* x) {
+  float denoised[2 * kTile], d_guide[2 * kTile], deriv[2 * kTile], x_euler[2 * kTile];
+  for (const Step& st : steps) {
+    const float h = (float)(st.t_next - st.t_hat);
+    guided_denoise(main, guide, s_main, s_guide, x, st.t_hat, st.guided_euler, guidance, denoised, d_guide);
+    const float inv_t_hat = (float)(1.0 / st.t_hat);
+    for (int i = 0; i < 2 * kTile; ++i) {
+      deriv[i] = (x[i] - denoised[i]) * inv_t_hat;
+      x_euler[i] = x[i] + h * deriv[i];
+    }
+    if (!st.heun) {
+      std::copy(x_euler, x_euler + 2 * kTile, x);
+      continue;
+    }
+    guided_denoise(main, guide, s_main, s_guide, x_euler, st.t_next, st.guided_heun, guidance, denoised,
+                   d_guide);
+    const float inv_t_next = (float)(1.0 / st.t_next);
+    for (int i = 0; i < 2 * kTile; ++i) {
+      const float deriv_next = (x_euler[i] - denoised[i]) * inv_t_next;
+      x[i] = x[i] + h * (0.5f * deriv[i] + 0.5f * deriv_next);
+    }
+  }
+}
+
+std::vector<float> to_vector(const at::Tensor& t) {
+  at::Tensor c = t.to(at::kFloat).contiguous();
+  return std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
+}
+
+Model prepare_model(const std::vector<at::Tensor>& weights, double gain, double sigma_data, const char* name) {
+  TORCH_CHECK(weights.size() >= 2, name, ": expected at least 2 weight matrices (w_0 .. w_out), got ",
+              weights.size());
+  Model m;
+  m.layers = (int)weights.size() - 1;
+  m.hidden = (int)weights[0].size(0);
+  const int H = m.hidden;
+  TORCH_CHECK(H > 0 && H % kColBlock == 0, name, ": hidden size must be a positive multiple of ", kColBlock,
+              ", got ", H);
+  TORCH_CHECK(weights[0].dim() == 2 && weights[0].size(1) == 4, name, ": w_0 must be [hidden, 4], got ",
+              weights[0].sizes());
+  for (size_t l = 1; l < weights.size(); ++l)
+    TORCH_CHECK(weights[l].dim() == 2 && weights[l].size(0) == H && weights[l].size(1) == H, name, ": weight ", l,
+                " must be [", H, ", ", H, "], got ", weights[l].sizes());
+  m.w0 = to_vector(weights[0]);
+  for (int l = 1; l < m.layers; ++l) {
+    at::Tensor w = weights[l].to(at::kFloat) / kSiluScale;
+    m.bwd.push_back(to_vector(w));
+    m.fwd.push_back(to_vector(w.t()));
+  }
+  at::Tensor w_out = weights.back().to(at::kDouble) / kSiluScale;
+  m.gram = to_vector(w_out.t().matmul(w_out));
+  m.gain = (float)gain;
+  m.sigma_data = sigma_data;
+  return m;
+}
+
+// x: [N, 2] float32 (noise·t_0); schedule: [S, 5] float64 rows (t_hat, t_next, guided_euler,
+// guided_heun, heun).  Returns the sampled x.
+at::Tensor toy_sample(const at::Tensor& x, at::TensorList main_weights, double main_gain, double main_sigma_data,
+                      at::TensorList guide_weights, double guide_gain, double guide_sigma_data,
+                      const at::Tensor& schedule, double guidance) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == 2,
+              "toy_sample: x must be a CPU float32 tensor of shape [N, 2], got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(schedule.dim() == 2 && schedule.size(1) == 5, "toy_sample: schedule must be [steps, 5], got ",
+              schedule.sizes());
+  at::Tensor sched = schedule.to(at::kDouble).contiguous();
+  std::vector<Step> steps;
+  const double* row = sched.data_ptr<double>();
+  bool any_guided = false;
+  for (int64_t i = 0; i < sched.size(0); ++i, row += 5) {
+    steps.push_back({row[0], row[1], row[2] != 0, row[3] != 0, row[4] != 0});
+    TORCH_CHECK(row[0] > 0 && (!steps.back().heun || row[1] > 0), "toy_sample: step ", i,
+                " needs positive noise levels");
+    any_guided = any_guided || steps.back().guided_euler || (steps.back().heun && steps.back().guided_heun);
+  }
+  const Model main = prepare_model(main_weights.vec(), main_gain, main_sigma_data, "main");
+  TORCH_CHECK(!any_guided || !guide_weights.empty(), "toy_sample: guided steps need guide weights");
+  Model guide_model;
+  if (!guide_weights.empty()) guide_model = prepare_model(guide_weights.vec(), guide_gain, guide_sigma_data, "guide");
+  const Model* guide = guide_weights.empty() ? nullptr : &guide_model;
+
+  const int64_t n = x.size(0);
+  at::Tensor out = x.contiguous().clone();
+  float* data = out.data_ptr<float>();
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    float tile[2 * kTile];
+    Scratch s_main(main);
+    std::unique_ptr<Scratch> s_guide(guide ? new Scratch(*guide) : nullptr);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t first = t * kTile;
+      const int64_t count = std::min<int64_t>(kTile, n - first);
+      std::fill(tile, tile + 2 * kTile, 0.f);
+      std::copy(data + 2 * first, data + 2 * (first + count), tile);
+      run_tile(main, guide, steps, (float)guidance, s_main, s_guide.get(), tile);
+      std::copy(tile, tile + 2 * count, data + 2 * first);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastguide, m) {
+  m.def("toy_sample(Tensor x, Tensor[] main_weights, float main_gain, float main_sigma_data, "
+        "Tensor[] guide_weights, float guide_gain, float guide_sigma_data, Tensor schedule, float guidance) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastguide, CPU, m) { m.impl("toy_sample", &toy_sample); }

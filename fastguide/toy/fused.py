@@ -1,0 +1,151 @@
+"""The fused toy sampler: the whole guided EDM run over a pair of ToyModels in one kernel.
+
+sample_toy(main, guide, noise, ...) computes what
+    fastguide.sample(main, noise, guide=guide, guidance=..., guidance_interval=..., solver=...)
+computes (no churn, float32), but each tile of points runs every step — forward and
+input-gradient of both MLPs, guidance, Euler and Heun update — inside one kernel:
+C++ (csrc/toy_sampler.cpp) on CPU tensors, Triton (tritonkernels/toy_sampler.py) on CUDA.
+For classifier-free guidance on the toy, pass the unconditional ToyModel as the guide.
+"""
+import importlib
+import os
+import warnings
+
+import torch
+
+from fastguide import dispatch, reference
+from fastguide.guidance import check_guidance, check_interval
+from fastguide.sampler import SOLVERS, sample, schedule
+from fastguide.toy.model import ToyModel
+
+BACKENDS = ("auto", "cpp", "triton", "reference")
+COLUMN_BLOCK = 16          # the C++ kernel's register block: hidden must be a multiple of it
+TRITON_MIN_HIDDEN = 16     # tl.dot needs >= 16 along every dimension
+
+
+def sample_toy(main, guide, noise, *, guidance=1.0, guidance_interval=None, num_steps=32, sigma_min=0.002,
+               sigma_max=80.0, rho=7.0, sigmas=None, solver="heun", backend="auto"):
+    """Samples [N, 2] float32 points from noise [N, 2] with the guided EDM sampler on toy models.
+
+    D = D_guide + guidance·(D_main − D_guide) where lo < σ ≤ hi for guidance_interval = (lo, hi)
+    (everywhere when None); elsewhere, and when guidance == 1, D = D_main and the guide is not run.
+    backend: "auto" (cpp on CPU, triton on CUDA), "cpp", "triton" (CUDA, or CPU under
+    TRITON_INTERPRET=1) or "reference" (fastguide.sample with the reference ops).
+    """
+    guidance = check_guidance(guidance)
+    guidance_interval = check_interval(guidance_interval)
+    _check_models(main, guide, guidance)
+    _check_noise(noise)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    t_steps = schedule(num_steps, sigma_min, sigma_max, rho, sigmas)
+    backend = _resolve(backend, noise.device, main, guide if guidance != 1 else None)
+    if backend == "reference":
+        return sample(main, noise, guide=guide, guidance=guidance, guidance_interval=guidance_interval,
+                      sigmas=torch.tensor(t_steps, dtype=torch.float64), solver=solver, backend="reference")
+    steps = step_table(t_steps, guidance, guidance_interval, solver)
+    guided = bool(steps[:, 2:4].any())
+    x = noise.to(torch.float32) * t_steps[0]
+    args = (x, *_model_args(main, x.device), *_model_args(guide if guided else None, x.device), steps, guidance)
+    if backend == "cpp":
+        return torch.ops.fastguide.toy_sample(*args)
+    return _triton_module().toy_sample(*args)
+
+
+def step_table(t_steps, guidance, guidance_interval, solver):
+    """Per step (t_hat, t_next, guided_euler, guided_heun, heun) as a [steps, 5] float64 tensor.
+
+    No churn, so t_hat = t_cur; the Heun correction is skipped on the last step (t_next = 0)."""
+    num_steps = len(t_steps) - 1
+    rows = []
+    for i in range(num_steps):
+        t_hat, t_next = t_steps[i], t_steps[i + 1]
+        heun = solver == "heun" and i < num_steps - 1
+        guided_euler = guidance != 1 and reference.in_interval(t_hat, guidance_interval)
+        guided_heun = heun and guidance != 1 and reference.in_interval(t_next, guidance_interval)
+        rows.append((t_hat, t_next, float(guided_euler), float(guided_heun), float(heun)))
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _check_models(main, guide, guidance):
+    if not isinstance(main, ToyModel):
+        raise TypeError(f"main must be a fastguide.toy.ToyModel, got {type(main).__name__}")
+    if guide is not None and not isinstance(guide, ToyModel):
+        raise TypeError(f"guide must be a fastguide.toy.ToyModel or None, got {type(guide).__name__}")
+    if guidance != 1 and guide is None:
+        raise ValueError(f"guidance={guidance} needs a guide model (the weak or unconditional ToyModel); got None")
+
+
+def _check_noise(noise):
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got "
+                        f"{noise.dtype if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+    if noise.ndim != 2 or noise.shape[1] != 2 or noise.shape[0] < 1:
+        raise ValueError(f"noise must have shape [N, 2] with N >= 1, got {tuple(noise.shape)}")
+
+
+def _model_args(model, device):
+    """(effective weights, gain, sigma_data) of a model for the kernels; empty for None."""
+    if model is None:
+        return [], 0.0, 0.5
+    weights = [w.to(device) for w in model.effective_weights()]
+    return weights, model.gain_value(), float(model.sigma_data)
+
+
+def _kernel_support(backend, models):
+    """Why the fused kernel of `backend` cannot run these models, or "" when it can."""
+    for name, model in models.items():
+        if model is None:
+            continue
+        if backend == "cpp" and model.hidden % COLUMN_BLOCK:
+            return f"{name} has hidden={model.hidden}; the cpp kernel needs a multiple of {COLUMN_BLOCK}"
+        if backend == "triton":
+            hidden = model.hidden
+            if hidden < TRITON_MIN_HIDDEN or hidden & (hidden - 1):
+                return f"{name} has hidden={hidden}; the triton kernel needs a power of two >= {TRITON_MIN_HIDDEN}"
+    return ""
+
+
+def _availability(backend, device):
+    """(available, reason) of a fused backend for tensors on `device`."""
+    if backend == "cpp":
+        loaded, reason = dispatch._load_extension()
+        if not loaded:
+            return False, reason
+        if not dispatch._has_op("toy_sample", "CPU"):
+            return False, "fastguide._C has no toy_sample kernel (rebuild the extension)"
+        if device.type != "cpu":
+            return False, f"backend 'cpp' runs on CPU tensors, got device {device}"
+        return True, ""
+    try:
+        _triton_module()
+    except ImportError as exc:
+        return False, f"triton kernels unavailable ({exc})"
+    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return True, ""
+    return False, f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got device {device}"
+
+
+def _resolve(backend, device, main, guide):
+    """The backend that runs: a requested one must work; "auto" falls back to reference with a warning."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    models = {"main": main, "guide": guide}
+    if backend != "auto":
+        available, reason = _availability(backend, device)
+        reason = reason or _kernel_support(backend, models)
+        if reason:
+            raise (ValueError if available else RuntimeError)(f"backend {backend!r} cannot run: {reason}")
+        return backend
+    candidate = "cpp" if device.type == "cpu" else "triton"
+    reason = _availability(candidate, device)[1] or _kernel_support(candidate, models)
+    if not reason:
+        return candidate
+    warnings.warn(f"sample_toy: using the reference sampler ({candidate}: {reason})", RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def _triton_module():
+    return importlib.import_module("tritonkernels.toy_sampler")
