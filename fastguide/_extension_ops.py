@@ -8,16 +8,17 @@ import torch
 
 import fastguide._C  # noqa: F401  (registers torch.ops.fastguide.*)
 
-_ops = torch.ops.fastguide
+_euler_out = torch.ops.fastguide.guided_euler_out.default  # the overload itself: no overload lookup per call
+_heun_out = torch.ops.fastguide.guided_heun_out.default
 
 
 def guided_euler(x, d_main, d_guide, guidance, t_cur, t_next, *, out, deriv_out):
-    _ops.guided_euler_out(x, d_main, d_guide, guidance, t_cur, t_next, out=out, deriv_out=deriv_out)
+    _euler_out(x, d_main, d_guide, guidance, t_cur, t_next, out=out, deriv_out=deriv_out)
     return out, deriv_out
 
 
 def guided_heun(x, deriv, d_main, d_guide, guidance, t_cur, t_next, *, out):
-    _ops.guided_heun_out(x, deriv, d_main, d_guide, guidance, t_cur, t_next, out=out)
+    _heun_out(x, deriv, d_main, d_guide, guidance, t_cur, t_next, out=out)
     return out
 
 

@@ -244,6 +244,14 @@ def test_euler_to_zero_and_fresh_outputs(backend, device, generator):
     assert_matches("heun", heun, heun64(x, deriv, d_main, None, 1.0, 5.0, 80.0))
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_empty_tensors(backend, device):
+    x = torch.empty(0, 3, device=device)
+    x_next, deriv = ops.guided_euler(x, x, x, 2.0, 1.0, 0.5, backend=backend)
+    assert x_next.shape == deriv.shape == (0, 3)
+    assert ops.guided_heun(x, x, x, None, 2.0, 1.0, 0.5, backend=backend).shape == (0, 3)
+
+
 # ---- outputs that alias inputs ----
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
