@@ -177,12 +177,50 @@ std::tuple<at::Tensor, at::Tensor> mixture_score_cpu(const at::Tensor& x_in, con
   return {score, logp};
 }
 
+// The toy model's activation φ = silu/0.596 and its first two derivatives in one pass (training):
+//   φ = z·s/c,  φ' = s·(1 + z·(1 − s))/c,  φ'' = s·(1 − s)·(2 + z·(1 − 2s))/c,  s = sigmoid(z).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> toy_silu_derivatives_cpu(const at::Tensor& z_in) {
+  TORCH_CHECK(z_in.scalar_type() == at::kFloat || z_in.scalar_type() == at::kDouble,
+              "toy_silu_derivatives: z must be float32 or float64, got ", z_in.scalar_type());
+  TORCH_CHECK(z_in.device().is_cpu(), "toy_silu_derivatives: z must be a CPU tensor, got ", z_in.device());
+  const at::Tensor z = z_in.contiguous();
+  at::Tensor phi = at::empty_like(z), d_phi = at::empty_like(z), dd_phi = at::empty_like(z);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "toy_silu_derivatives", [&] {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t *p0 = phi.data_ptr<scalar_t>(), *p1 = d_phi.data_ptr<scalar_t>(), *p2 = dd_phi.data_ptr<scalar_t>();
+    const int64_t n = z.numel();
+    at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+      const Vec inv_c(scalar_t(1) / scalar_t(0.596)), one(1), two(2);
+      int64_t i = begin;
+      for (; i + Vec::size() <= end; i += Vec::size()) {
+        const Vec zv = Vec::loadu(zp + i);
+        const Vec s = one / (one + zv.neg().exp());
+        const Vec t = one - s;
+        (zv * s * inv_c).store(p0 + i);
+        (s * at::vec::fmadd(zv, t, one) * inv_c).store(p1 + i);
+        (s * t * at::vec::fmadd(zv, t - s, two) * inv_c).store(p2 + i);
+      }
+      for (; i < end; ++i) {
+        const scalar_t zs = zp[i], s = scalar_t(1) / (scalar_t(1) + std::exp(-zs)), t = scalar_t(1) - s;
+        const scalar_t inv_c = scalar_t(1) / scalar_t(0.596);
+        p0[i] = zs * s * inv_c;
+        p1[i] = s * (scalar_t(1) + zs * t) * inv_c;
+        p2[i] = s * t * (scalar_t(2) + zs * (t - s)) * inv_c;
+      }
+    });
+  });
+  return {phi, d_phi, dd_phi};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastguide, m) {
   m.def("mixture_score(Tensor x, Tensor sigma, Tensor means, Tensor covs, Tensor log_weights) -> (Tensor, Tensor)");
+  m.def("toy_silu_derivatives(Tensor z) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastguide, CPU, m) {
   m.impl("mixture_score", &mixture_score_cpu);
+  m.impl("toy_silu_derivatives", &toy_silu_derivatives_cpu);
 }
