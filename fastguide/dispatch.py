@@ -93,6 +93,9 @@ def _resolve(backend, device):
             raise ValueError(f"backend 'cpp' runs on CPU tensors, got device {device}")
         if backend == "cuda" and device.type != "cuda":
             raise ValueError(f"backend 'cuda' runs on CUDA tensors, got device {device}")
+        if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend 'triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+                             f"got device {device}")
         return backend
     candidates = ("cuda", "triton") if device.type == "cuda" else ("cpp",) if device.type == "cpu" else ()
     for name in candidates:
@@ -102,7 +105,7 @@ def _resolve(backend, device):
         _warned.add(device.type)
         reasons = "; ".join(f"{n}: {_availability(n)[1]}" for n in candidates) or "no fused backend for this device"
         warnings.warn(f"fastguide: no fused backend for {device.type} tensors ({reasons}); using the reference backend",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
     return "reference"
 
 

@@ -380,6 +380,15 @@ def test_bad_backend_names_and_devices():
             ops.guided_euler(*args.values(), backend="cuda")
 
 
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    """As on a GPU machine: Triton is available, but CPU tensors need the interpreter."""
+    real = dispatch._availability
+    monkeypatch.setattr(dispatch, "_availability", lambda name: (True, "test") if name == "triton" else real(name))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors"):
+        dispatch.resolve("triton", torch.device("cpu"))
+
+
 def test_kernels_check_their_arguments_when_called_directly():
     """torch.ops.fastguide.* (bypassing fastguide.ops) refuse bad input with the argument's name."""
     import fastguide._extension_ops  # noqa: F401  (loads fastguide._C)
