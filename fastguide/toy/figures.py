@@ -96,7 +96,7 @@ def guided_score(main, guide, guidance, sigma, points):
 
 
 def figure2(path, main, guide, ground_truth, *, guidance, sigmas=(0.05, 0.15), extent=EXTENT,
-            resolution=128, arrows=40, title=None):
+            resolution=100, arrows=30, title=None):
     """Writes the Figure 2 analogue to path: one row per σ in sigmas.
 
     Columns: log p1 (main model), log p0 (guide), log(p1/p0), and the guided density
@@ -151,7 +151,7 @@ def _score_panel(fig, ax, main, guide, guidance, sigma, xs, ys, log_p1, log_p0, 
     score = guided_score(main, guide, guidance, sigma, coarse).reshape(arrows, arrows, 2)
     magnitude = score.norm(dim=2).clamp_min(1e-12)
     lines = ax.streamplot(coarse_xs.numpy(), coarse_ys.numpy(), score[..., 0].numpy(), score[..., 1].numpy(),
-                          color=magnitude.log10().numpy(), cmap="plasma", density=1.1, linewidth=0.7,
+                          color=magnitude.log10().numpy(), cmap="plasma", density=0.8, linewidth=0.7,
                           arrowsize=0.7)
     fig.colorbar(lines.lines, ax=ax, shrink=0.8, label=r"$\log_{10}$ |score|")
     ax.set_title(rf"guided $p_0\,(p_1/p_0)^{{{guidance:g}}}$ and its score", fontsize=10)
