@@ -39,6 +39,7 @@ def test_cu_compiles_without_spills(source, arch, tmp_path):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
     assert "error" not in log.lower(), log
+    assert "warning" not in log.lower(), log
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     assert spills and not any(spills), f"register spills (or no ptxas report) for sm_{arch}:\n{log}"
 
@@ -79,13 +80,15 @@ def test_cuda_bindings_compile_against_torch_headers(tmp_path):
     if cuda_include is None:
         pytest.skip("cuda_runtime.h not found (set CUDA_HOME)")
     stub = torch_cuda_headers_stub(tmp_path)
-    command = ["g++", "-fsyntax-only", "-std=c++17", "-DFASTGUIDE_WITH_CUDA=1", f"-I{CSRC}", f"-I{include}",
+    command = ["g++", "-fsyntax-only", "-Wall", "-Wextra", "-std=c++17", "-DFASTGUIDE_WITH_CUDA=1", f"-I{CSRC}", f"-I{include}",
            f"-I{os.path.join(include, 'torch', 'csrc', 'api', 'include')}", f"-I{stub}", f"-I{cuda_include}",
            f"-I{sysconfig.get_paths()['include']}"]
     for source in sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp"))):
         result = subprocess.run(command + [source], capture_output=True, text=True, timeout=300)
         errors = [line for line in result.stderr.splitlines() if "error" in line]
         assert result.returncode == 0 and not errors, result.stderr[-4000:]
+        ours = [line for line in result.stderr.splitlines() if line.startswith(CSRC) and "warning" in line]
+        assert not ours, "\n".join(ours)
 
 
 # Triton: compiled in a fresh interpreter, since the test process runs Triton under TRITON_INTERPRET=1.

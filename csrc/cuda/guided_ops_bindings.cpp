@@ -21,8 +21,10 @@ int dtype_code(at::ScalarType dtype) {
     case at::kDouble: return kFastguideFloat64;
     case at::kHalf: return kFastguideFloat16;
     case at::kBFloat16: return kFastguideBFloat16;
-    default: TORCH_CHECK(false, "fastguide CUDA kernels: unsupported dtype ", dtype);
+    default: break;
   }
+  TORCH_CHECK(false, "fastguide CUDA kernels: unsupported dtype ", dtype);
+  return -1;
 }
 
 void check_launch(const char* op, int error) {
