@@ -71,7 +71,6 @@ def check_name(backend, argument="backend"):
         raise ValueError(f"{argument} must be one of {('auto',) + NAMES}, got {backend!r}")
 
 
-@torch._dynamo.assume_constant_result
 def resolve(backend, device):
     """The backend name that runs on `device` for a requested name ("auto" or one of NAMES).
 
@@ -80,6 +79,11 @@ def resolve(backend, device):
     name = _resolve(backend, device)
     _load_implementation(name)
     return name
+
+
+# What torch._dynamo.assume_constant_result does, without importing torch._dynamo at start-up
+# (it costs seconds, on every `fastguide` command and every torchrun rank).
+resolve._dynamo_marked_constant = True
 
 
 def _resolve(backend, device):
