@@ -124,3 +124,15 @@ def test_grid_and_normalized_log_density():
     cell = float((xs[1] - xs[0]) * (ys[1] - ys[0]))
     assert abs(float(normalized.exp().sum()) * cell - 1.0) < 1e-12
     torch.testing.assert_close(normalized - logp, torch.full_like(logp, float(normalized[0, 0] - logp[0, 0])))
+
+
+def test_non_finite_samples_name_the_run(monkeypatch):
+    def broken_sampler(models, method, guidance, noise, steps, backend, device):
+        samples = noise.clone()
+        if method == "cfg":
+            samples[7, 1] = float("nan")
+        return samples
+
+    monkeypatch.setattr(demo, "sample_run", broken_sampler)
+    with pytest.raises(RuntimeError, match=r"1 non-finite samples of 64 in run cfg w=4 \(backend 'auto'\)"):
+        demo.evaluate(points=64, steps=2, seed=0)

@@ -86,7 +86,8 @@ def evaluate(*, points=DEFAULT_POINTS, steps=32, seed=0, backend="auto", progres
     samples, scores = {}, {}
     for method, guidance in runs:
         bar.set_postfix_str(f"{method} w={guidance:g}")
-        samples[method, guidance] = sample_run(models, method, guidance, noise, steps, backend, device)
+        samples[method, guidance] = _finite(sample_run(models, method, guidance, noise, steps, backend, device),
+                                            f"{method} w={guidance:g} (backend {backend!r})")
         scores[method, guidance] = dict(guidance=guidance, **scorer(samples[method, guidance]))
         bar.update()
     if figure_dir is not None:
@@ -109,6 +110,13 @@ def sample_run(models, method, guidance, noise, steps, backend, device):
         return fastguide.sample(main, noise.to(device), guide=guide, guidance=guidance, num_steps=steps,
                                 backend=backend).cpu()
     return sample_toy(main, guide, noise.to(device), guidance=guidance, num_steps=steps, backend=backend).cpu()
+
+
+def _finite(samples, run_name):
+    bad = int((~torch.isfinite(samples)).any(1).sum())
+    if bad:
+        raise RuntimeError(f"the sampler returned {bad} non-finite samples of {len(samples)} in run {run_name}")
+    return samples
 
 
 def assemble(scores):
