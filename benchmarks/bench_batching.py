@@ -229,13 +229,15 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="few reps, 8 steps: a smoke run")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--cases", nargs="+", default=["conv", "MLP", "toy"],
+                        help="the cases whose name starts with one of these words")
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.run_reps, args.steps = 2, 1, 8
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), device cpu, fused-op backend "
           f"{fastguide.dispatch.resolve('auto', 'cpu')}, Heun with {args.steps} steps\n")
-    cases = make_cases()
+    cases = [case for case in make_cases() if case[0].split()[0] in args.cases]
     with torch.no_grad():
         for case in cases:
             headers = None

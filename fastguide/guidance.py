@@ -7,6 +7,7 @@ returns the two predictions separately so that the fused ops combine them with t
 """
 import math
 import numbers
+import types
 
 import torch
 from torch import nn
@@ -61,6 +62,28 @@ def check_output(name, out, x, check_finite=True, batch=None):
     if check_finite and not bool(torch.isfinite(out).all()):
         raise DenoiserOutputError(f"{name} returned non-finite values (NaN or inf)")
     return out
+
+
+_CODE_COPIES = {}
+
+
+def _own_code(fn, owner):
+    """fn (a function or bound method) running a copy of its code object, one copy per owner.
+
+    Dynamo keeps its compiled graphs, and its limit of recompilations (8), per code object.  The
+    strategies' evaluate methods and reference.guide serve every model class and shape in the
+    process: with one code object, a few models times a few batch sizes exhaust the limit and
+    compile=True silently falls back to eager.  A copy per (key, net class, guide class) keeps
+    those apart, while GuidedDenoisers on the same classes (every call of fastguide.sample)
+    share their graphs."""
+    if isinstance(fn, nn.Module):
+        return fn  # compiles its class's forward: per class already
+    func = getattr(fn, "__func__", fn)
+    if (func, owner) not in _CODE_COPIES:
+        _CODE_COPIES[func, owner] = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__,
+                                                       func.__defaults__, func.__closure__)
+    copy = _CODE_COPIES[func, owner]
+    return types.MethodType(copy, fn.__self__) if hasattr(fn, "__self__") else copy
 
 
 class GuidedDenoiser(nn.Module):
@@ -134,7 +157,8 @@ class GuidedDenoiser(nn.Module):
         """torch.compile of fn, once per key; the evaluations use CUDA graphs ("reduce-overhead") on CUDA."""
         graphs = device.type == "cuda" and key != "combine"
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(fn, mode="reduce-overhead" if graphs else None, dynamic=False)
+            fn = _own_code(fn, (key, type(self.net), type(self._guide_model())))
+            self._compiled[key] = torch.compile(fn, mode="reduce-overhead" if graphs else None)
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return self._compiled[key]
