@@ -2,7 +2,7 @@
 
     .venv/bin/python -m pytest benchmarks/test_bench_toy_sampler.py --benchmark-only
 
-A smaller run than the goal (2048 points, 32 Heun steps, autoguidance w=3) so that the reference
+A smaller run than the goal (1024 points, 32 Heun steps, autoguidance w=3) so that the reference
 takes seconds; the goal's size and the ratio table: benchmarks/bench_toy_sampler.py."""
 import pytest
 import torch
@@ -12,7 +12,7 @@ from fastguide.toy.fused import sample_toy
 
 import bench_toy_sampler as bench
 
-POINTS = 2048
+POINTS = 1024
 OPTIONS = dict(guidance=3.0, num_steps=32)
 
 

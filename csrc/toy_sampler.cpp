@@ -278,6 +278,9 @@ Model prepare_model(const std::vector<at::Tensor>& weights, double gain, double 
   for (size_t l = 1; l < weights.size(); ++l)
     TORCH_CHECK(weights[l].dim() == 2 && weights[l].size(0) == H && weights[l].size(1) == H, name, ": weight ", l,
                 " must be [", H, ", ", H, "], got ", weights[l].sizes());
+  for (const at::Tensor& w : weights)
+    TORCH_CHECK(w.device().is_cpu() && w.is_floating_point(), name, ": weights must be floating-point CPU tensors, got ",
+                w.scalar_type(), " on ", w.device());
   m.w0 = to_vector(weights[0]);
   for (int l = 1; l < m.layers; ++l) {
     at::Tensor w = weights[l].to(at::kFloat) / kSiluScale;

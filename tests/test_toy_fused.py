@@ -254,3 +254,22 @@ def test_reference_backend_is_fastguide_sample(models, generator):
     noise = torch.randn(9, 2, generator=generator)
     out = sample_toy(*models, noise, guidance=2.0, num_steps=5, backend="reference")
     assert torch.equal(out, reference_samples(*models, noise, guidance=2.0, num_steps=5))
+
+
+def test_cpp_op_refuses_bad_arguments():
+    """The op checks its own arguments too (it is public as torch.ops.fastguide.toy_sample)."""
+    op = torch.ops.fastguide.toy_sample
+    x, steps = torch.zeros(3, 2), torch.ones(1, 5, dtype=torch.float64)
+    w0, w = torch.ones(16, 4), torch.ones(16, 16)
+    with pytest.raises(RuntimeError, match=r"x must be a CPU float32 tensor of shape \[N, 2\]"):
+        op(x.double(), [w0, w], 0.0, 0.5, [], 0.0, 0.5, steps, 1.0)
+    with pytest.raises(RuntimeError, match=r"main: weight 1 must be \[16, 16\]"):
+        op(x, [w0, torch.ones(16, 8)], 0.0, 0.5, [], 0.0, 0.5, steps, 1.0)
+    with pytest.raises(RuntimeError, match="hidden size must be a positive multiple of 16"):
+        op(x, [torch.ones(24, 4), torch.ones(24, 24)], 0.0, 0.5, [], 0.0, 0.5, steps, 1.0)
+    with pytest.raises(RuntimeError, match="guided steps need guide weights"):
+        op(x, [w0, w], 0.0, 0.5, [], 0.0, 0.5, steps, 1.0)
+    with pytest.raises(RuntimeError, match="needs positive noise levels"):
+        op(x, [w0, w], 0.0, 0.5, [], 0.0, 0.5, torch.zeros(1, 5, dtype=torch.float64), 1.0)
+    with pytest.raises(RuntimeError, match=r"schedule must be \[steps, 5\]"):
+        op(x, [w0, w], 0.0, 0.5, [], 0.0, 0.5, torch.ones(5), 1.0)

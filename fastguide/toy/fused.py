@@ -25,7 +25,8 @@ TRITON_MIN_HIDDEN = 16     # tl.dot needs >= 16 along every dimension
 
 def sample_toy(main, guide, noise, *, guidance=1.0, guidance_interval=None, num_steps=32, sigma_min=0.002,
                sigma_max=80.0, rho=7.0, sigmas=None, solver="heun", backend="auto"):
-    """Samples [N, 2] float32 points from noise [N, 2] with the guided EDM sampler on toy models.
+    """Samples [N, 2] float32 points from noise [N, 2] (any floating dtype, cast to float32) with
+    the guided EDM sampler on toy models (no churn).
 
     D = D_guide + guidance·(D_main − D_guide) where lo < σ ≤ hi for guidance_interval = (lo, hi)
     (everywhere when None); elsewhere, and when guidance == 1, D = D_main and the guide is not run.
