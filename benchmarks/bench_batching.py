@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 import fastguide
 from fastguide import batching, reference
-from fastguide.sampler import schedule
+from fastguide.sampler import run_sampler, schedule
 
 INTERVAL = (0.28, 5.42)
 NUM_CLASSES = 10
@@ -209,6 +209,34 @@ def op_counts(case, batch):
     return counts
 
 
+def step_op_counts(case, batch=1):
+    """Compute operators per middle Heun step (a 3-step run minus a 2-step run), for each variant."""
+    name, net, guide, cfg, shape, strategies = case
+    x, labels, null = inputs(shape, batch)
+    null_labels = null if cfg else None
+
+    def per_step(run):
+        counts = []
+        for num_steps in (2, 3):
+            with batching.ComputeOpCounter() as counter:
+                run(num_steps)
+            counts.append(len(counter.ops))
+        return counts[1] - counts[0]
+
+    naive = naive_eval(net, guide, 2.0, null_labels)
+    counts = {"naive loop": per_step(lambda n: naive_heun(naive, x, labels, n))}
+    for strategy in [s for s in strategies if s != "auto"]:
+        for check in (True, False):
+            label = strategy + ("" if check else ", check_finite=False")
+            try:
+                counts[label] = per_step(lambda n: run_sampler(
+                    fastguide.GuidedDenoiser(net, **guided_kwargs(guide, null_labels), strategy=strategy,
+                                             check_finite=check), x, labels=labels, num_steps=n))
+            except RuntimeError:
+                counts[label] = "n/a"
+    return counts
+
+
 def fmt_row(label, times, baseline, chosen=None):
     cells = []
     for key, seconds in times.items():
@@ -270,6 +298,10 @@ def main(argv=None):
             other = counts.get("cfg-batch", counts.get("stacked", "n/a (no vmap: autograd score inside)"))
             ratio = f" ({other / counts['naive']:.2f}×)" if isinstance(other, int) else ""
             print(f"| {case[0]} | {counts['naive']} | {counts['separate']} | {other}{ratio} |")
+        print("\n### compute operators per Heun step (Euler + Heun evaluations and updates), batch 1\n")
+        for case in cases:
+            counts = step_op_counts(case)
+            print(f"- {case[0]}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 if __name__ == "__main__":
