@@ -127,12 +127,15 @@ def test_grid_and_normalized_log_density():
 
 
 def test_non_finite_samples_name_the_run(monkeypatch):
-    def broken_sampler(models, method, guidance, noise, steps, backend, device):
-        samples = noise.clone()
-        if method == "cfg":
+    from fastguide.toy import fused
+    real_sample_toy = fused.sample_toy
+
+    def broken_sampler(main, guide, noise, *, guidance, **options):
+        samples = real_sample_toy(main, guide, noise, guidance=guidance, **options)
+        if guidance == 4.0:                      # cfg w=4 is the first run with this weight
             samples[7, 1] = float("nan")
         return samples
 
-    monkeypatch.setattr(demo, "sample_run", broken_sampler)
+    monkeypatch.setattr(fused, "sample_toy", broken_sampler)
     with pytest.raises(RuntimeError, match=r"1 non-finite samples of 64 in run cfg w=4 \(backend 'auto'\)"):
         demo.evaluate(points=64, steps=2, seed=0)
