@@ -126,8 +126,21 @@ def run_sampler(denoiser, noise, *, labels=None, num_steps=32, sigma_min=0.002, 
     backend = dispatch.resolve(backend, noise.device)
 
     denoiser.reset_stats()
+    with torch.no_grad():  # a denoiser that needs autograd (e.g. an energy model) enables it itself
+        x = _loop(denoiser, noise.to(dtype), labels, t_steps, solver, (S_churn, S_min, S_max, S_noise),
+                  randn_like, dispatch.implementation(backend), progress, callback)
+    if return_stats:
+        return x, dict(denoiser.stats, steps=num_steps, solver=solver, backend=backend)
+    return x
+
+
+def _loop(denoiser, noise, labels, t_steps, solver, churn, randn_like, ops_impl, progress, callback):
+    """The steps themselves; inputs are validated, and every prediction is checked by the denoiser,
+    so the backend's ops are called directly into buffers allocated here once."""
+    S_churn, S_min, S_max, S_noise = churn
+    num_steps = len(t_steps) - 1
     guidance = denoiser.guidance
-    x_cur = noise.to(dtype) * t_steps[0]
+    x_cur = noise * t_steps[0]
     x_next = torch.empty_like(x_cur)
     deriv = torch.empty_like(x_cur)
     steps = range(num_steps)
@@ -141,18 +154,14 @@ def run_sampler(denoiser, noise, *, labels=None, num_steps=32, sigma_min=0.002, 
         if gamma > 0:
             x_cur.add_(randn_like(x_cur), alpha=math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise)
         d_main, d_guide = _predict(denoiser, "Euler", i, x_cur, t_hat, labels)
-        ops.guided_euler(x_cur, d_main, d_guide, guidance, t_hat, t_next, out=x_next, deriv_out=deriv,
-                         backend=backend)
+        ops_impl.guided_euler(x_cur, d_main, d_guide, guidance, t_hat, t_next, out=x_next, deriv_out=deriv)
         if solver == "heun" and i < num_steps - 1:
             d_main, d_guide = _predict(denoiser, "Heun", i, x_next, t_next, labels)
-            ops.guided_heun(x_cur, deriv, d_main, d_guide, guidance, t_hat, t_next, out=x_next, backend=backend)
+            ops_impl.guided_heun(x_cur, deriv, d_main, d_guide, guidance, t_hat, t_next, out=x_next)
         if callback is not None:
             callback(dict(i=i, sigma=t_cur, sigma_hat=t_hat, sigma_next=t_next, x=x_next,
                           denoised=x_cur - t_hat * deriv))
         x_cur, x_next = x_next, x_cur
-    if return_stats:
-        stats = dict(denoiser.stats, steps=num_steps, solver=solver, backend=backend)
-        return x_cur, stats
     return x_cur
 
 

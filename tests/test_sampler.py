@@ -169,3 +169,12 @@ def test_callback_and_progress():
     assert [s[1] for s in seen] == pytest.approx(t_steps[:5]) and seen[-1][2] == 0.0
     # on the last step (Euler to 0) x_next equals the denoised prediction
     torch.testing.assert_close(seen[-1][3], seen[-1][4], rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_records_no_autograd_history_and_leaves_noise_alone():
+    layer = torch.nn.Linear(3, 3)
+    noise = torch.randn(4, 3)
+    kept = noise.clone()
+    x = fastguide.sample(lambda x, s, l: layer(x), noise, num_steps=4, S_churn=10.0)
+    assert not x.requires_grad and x.grad_fn is None
+    assert torch.equal(noise, kept)
