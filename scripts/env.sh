@@ -15,9 +15,12 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQS" ]; then
 fi
 # Editable install (package + the `fastguide` console command) once; the extension itself is
 # built in place, incrementally with ninja, on every call.
-if [ ! -f .venv/.fastguide-editable ]; then
-    FASTGUIDE_NO_EXT=1 "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
-    touch .venv/.fastguide-editable
+# (redone when setup.py or the set of top-level packages changes: the editable finder maps packages)
+EDITABLE_KEY="$(cat setup.py; ls -d */__init__.py)"
+if [ "$(cat .venv/.fastguide-editable 2>/dev/null)" != "$EDITABLE_KEY" ]; then
+    FASTGUIDE_NO_EXT=1 "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . \
+        2> >(grep -v "^WARNING: Location" >&2)
+    echo "$EDITABLE_KEY" > .venv/.fastguide-editable
 fi
 if ! MAX_JOBS="${MAX_JOBS:-2}" "$VPY" setup.py build_ext --inplace > .venv/build.log 2>&1; then
     cat .venv/build.log >&2; echo "env.sh: building fastguide._C failed (log above)" >&2; exit 1
