@@ -126,17 +126,23 @@ def run_sampler(denoiser, noise, *, labels=None, num_steps=32, sigma_min=0.002, 
     backend = dispatch.resolve(backend, noise.device)
 
     denoiser.reset_stats()
-    with torch.no_grad():  # a denoiser that needs autograd (e.g. an energy model) enables it itself
-        x = _loop(denoiser, noise.to(dtype), labels, t_steps, solver, (S_churn, S_min, S_max, S_noise),
-                  randn_like, dispatch.implementation(backend), progress, callback)
+    check_finite, denoiser.check_finite = denoiser.check_finite, False  # checked once per step instead
+    try:
+        with torch.no_grad():  # a denoiser that needs autograd (e.g. an energy model) enables it itself
+            x = _loop(denoiser, noise.to(dtype), labels, t_steps, solver, (S_churn, S_min, S_max, S_noise),
+                      randn_like, dispatch.implementation(backend), progress, callback, check_finite)
+    finally:
+        denoiser.check_finite = check_finite
     if return_stats:
         return x, dict(denoiser.stats, steps=num_steps, solver=solver, backend=backend)
     return x
 
 
-def _loop(denoiser, noise, labels, t_steps, solver, churn, randn_like, ops_impl, progress, callback):
-    """The steps themselves; inputs are validated, and every prediction is checked by the denoiser,
-    so the backend's ops are called directly into buffers allocated here once."""
+def _loop(denoiser, noise, labels, t_steps, solver, churn, randn_like, ops_impl, progress, callback, check_finite):
+    """The steps themselves; inputs are validated, and every prediction's shape, dtype and device
+    are checked by the denoiser, so the backend's ops are called directly into buffers allocated
+    here once.  Finiteness is checked once per step on x (any non-finite prediction reaches it):
+    one reduction and one device sync per step instead of one per prediction."""
     S_churn, S_min, S_max, S_noise = churn
     num_steps = len(t_steps) - 1
     guidance = denoiser.guidance
@@ -153,16 +159,29 @@ def _loop(denoiser, noise, labels, t_steps, solver, churn, randn_like, ops_impl,
         t_hat = t_cur + gamma * t_cur
         if gamma > 0:
             x_cur.add_(randn_like(x_cur), alpha=math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise)
-        d_main, d_guide = _predict(denoiser, "Euler", i, x_cur, t_hat, labels)
-        ops_impl.guided_euler(x_cur, d_main, d_guide, guidance, t_hat, t_next, out=x_next, deriv_out=deriv)
+        predictions = [("Euler", t_hat, *_predict(denoiser, "Euler", i, x_cur, t_hat, labels))]
+        ops_impl.guided_euler(x_cur, *predictions[0][2:], guidance, t_hat, t_next, out=x_next, deriv_out=deriv)
         if solver == "heun" and i < num_steps - 1:
-            d_main, d_guide = _predict(denoiser, "Heun", i, x_next, t_next, labels)
-            ops_impl.guided_heun(x_cur, deriv, d_main, d_guide, guidance, t_hat, t_next, out=x_next)
+            predictions.append(("Heun", t_next, *_predict(denoiser, "Heun", i, x_next, t_next, labels)))
+            ops_impl.guided_heun(x_cur, deriv, *predictions[1][2:], guidance, t_hat, t_next, out=x_next)
+        if check_finite and not bool(torch.isfinite(x_next).all()):
+            _raise_non_finite(i, predictions, "guide" if denoiser.guide is not None else "net (guide_labels)")
         if callback is not None:
             callback(dict(i=i, sigma=t_cur, sigma_hat=t_hat, sigma_next=t_next, x=x_next,
                           denoised=x_cur - t_hat * deriv))
         x_cur, x_next = x_next, x_cur
     return x_cur
+
+
+def _raise_non_finite(i, predictions, guide_name):
+    """Names the prediction that made x non-finite at step i (or the step itself, if none did)."""
+    for stage, sigma, d_main, d_guide in predictions:
+        for name, prediction in (("net", d_main), (guide_name, d_guide)):
+            if prediction is not None and not bool(torch.isfinite(prediction).all()):
+                raise DenoiserOutputError(f"step {i} ({stage} evaluation at sigma={sigma:.6g}): "
+                                          f"{name} returned non-finite values (NaN or inf)")
+    raise FloatingPointError(f"step {i}: x became non-finite (NaN or inf) from finite predictions; "
+                             "the values overflow the sampling dtype")
 
 
 def _predict(denoiser, stage, i, x, sigma, labels):

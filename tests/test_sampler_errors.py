@@ -101,3 +101,26 @@ def test_edm_sampler_refuses_bad_input_too():
         fastguide.edm_sampler(NeverCalled(), NOISE, guidance=2.0)
     with pytest.raises(ValueError, match="num_steps"):
         fastguide.edm_sampler(NeverCalled(), NOISE, gnet=NeverCalled(), num_steps=0)
+
+
+def test_cfg_non_finite_guide_half_is_named():
+    def net(x, sigma, labels):
+        out = x * 0.5
+        return torch.where(labels[:, :1] > 0, out, out * math.nan)  # NaN in the guide_labels half
+
+    with pytest.raises(fastguide.DenoiserOutputError, match=r"step 0 .*net \(guide_labels\) returned non-finite"):
+        fastguide.sample(net, torch.randn(2, 3), labels=torch.ones(2, 1), guide_labels=torch.zeros(2, 1),
+                         guidance=2.0, num_steps=3)
+
+
+def test_overflow_from_finite_predictions_is_an_error_not_a_silent_inf():
+    net = lambda x, s, l: torch.full_like(x, 6e4)  # noqa: E731  (finite in float16)
+    guide = lambda x, s, l: torch.full_like(x, -6e4)  # noqa: E731
+    with pytest.raises(FloatingPointError, match="step 0: x became non-finite"):
+        fastguide.sample(net, torch.randn(2, 3), guide=guide, guidance=10.0, num_steps=3, dtype=torch.float16)
+
+
+def test_finite_check_can_be_left_to_the_caller():
+    denoiser = fastguide.GuidedDenoiser(lambda x, s, l: x * math.nan, check_finite=False)
+    x = fastguide.sampler.run_sampler(denoiser, torch.randn(2, 3), num_steps=2)
+    assert torch.isnan(x).all() and denoiser.check_finite is False
