@@ -12,6 +12,12 @@ import warnings
 import torch
 
 NAMES = ("reference", "cpp", "triton", "cuda")
+# Each family of fused ops: the backends it has, the fastguide._C ops a C++/CUDA backend needs,
+# and the module of its Triton kernels.
+FAMILIES = {
+    "guided": dict(names=NAMES, ops=("guided_euler_out", "guided_heun_out"), triton="tritonkernels"),
+    "toy_sample": dict(names=("reference", "cpp", "triton"), ops=("toy_sample",), triton="tritonkernels.toy_sampler"),
+}
 _warned = set()
 
 
@@ -33,8 +39,9 @@ def _has_op(name, dispatch_key):
 
 
 @functools.lru_cache(maxsize=None)
-def _availability(name):
-    """(available, reason) for one backend, independent of the device."""
+def _availability(name, family="guided"):
+    """(available, reason) for one backend of a family of ops, independent of the device."""
+    ops = FAMILIES[family]
     if name == "reference":
         return True, "plain PyTorch"
     if name in ("cpp", "cuda"):
@@ -42,15 +49,15 @@ def _availability(name):
         if not loaded:
             return False, reason
         key = "CPU" if name == "cpp" else "CUDA"
-        if not all(_has_op(op, key) for op in ("guided_euler_out", "guided_heun_out")):
-            return False, f"fastguide._C has no {key} kernels" + (
+        if not all(_has_op(op, key) for op in ops["ops"]):
+            return False, f"fastguide._C has no {key} kernels for {', '.join(ops['ops'])}" + (
                 " (torch was built without CUDA)" if name == "cuda" and torch.version.cuda is None else "")
         if name == "cuda" and not torch.cuda.is_available():
             return False, "no CUDA device"
         return True, f"fastguide._C {key} kernels"
     if name == "triton":
         try:
-            importlib.import_module("tritonkernels")
+            importlib.import_module(ops["triton"])
         except ImportError as exc:
             return False, f"triton kernels unavailable ({exc})"
         if torch.cuda.is_available():
@@ -66,9 +73,10 @@ def backends():
     return {name: dict(zip(("available", "reason"), _availability(name))) for name in NAMES}
 
 
-def check_name(backend, argument="backend"):
-    if backend != "auto" and backend not in NAMES:
-        raise ValueError(f"{argument} must be one of {('auto',) + NAMES}, got {backend!r}")
+def check_name(backend, argument="backend", family="guided"):
+    names = FAMILIES[family]["names"]
+    if backend != "auto" and backend not in names:
+        raise ValueError(f"{argument} must be one of {('auto',) + names}, got {backend!r}")
 
 
 def resolve(backend, device):
@@ -86,11 +94,11 @@ def resolve(backend, device):
 resolve._dynamo_marked_constant = True
 
 
-def _resolve(backend, device):
-    check_name(backend)
+def _resolve(backend, device, family="guided"):
+    check_name(backend, family=family)
     device = torch.device(device)
     if backend != "auto":
-        available, reason = _availability(backend)
+        available, reason = _availability(backend, family)
         if not available:
             raise RuntimeError(f"backend {backend!r} is not available: {reason}")
         if backend == "cpp" and device.type != "cpu":
@@ -101,16 +109,23 @@ def _resolve(backend, device):
             raise ValueError(f"backend 'triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
                              f"got device {device}")
         return backend
+    names = FAMILIES[family]["names"]
     candidates = ("cuda", "triton") if device.type == "cuda" else ("cpp",) if device.type == "cpu" else ()
+    candidates = tuple(name for name in candidates if name in names)
     for name in candidates:
-        if _availability(name)[0]:
+        if _availability(name, family)[0]:
             return name
-    if device.type not in _warned:
-        _warned.add(device.type)
-        reasons = "; ".join(f"{n}: {_availability(n)[1]}" for n in candidates) or "no fused backend for this device"
-        warnings.warn(f"fastguide: no fused backend for {device.type} tensors ({reasons}); using the reference backend",
-                      RuntimeWarning, stacklevel=4)
+    if (family, device.type) not in _warned:
+        _warned.add((family, device.type))
+        reasons = "; ".join(f"{n}: {_availability(n, family)[1]}" for n in candidates) or "no fused backend for this device"
+        warnings.warn(f"fastguide: no fused {family} backend for {device.type} tensors ({reasons}); "
+                      "using the reference backend", RuntimeWarning, stacklevel=4)
     return "reference"
+
+
+def resolve_family(backend, device, family):
+    """Like resolve, for another family of fused ops (see FAMILIES): the backend that runs on device."""
+    return _resolve(backend, device, family)
 
 
 _MODULES = {"reference": "fastguide.reference", "cpp": "fastguide._extension_ops",

@@ -383,7 +383,8 @@ def test_bad_backend_names_and_devices():
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     """As on a GPU machine: Triton is available, but CPU tensors need the interpreter."""
     real = dispatch._availability
-    monkeypatch.setattr(dispatch, "_availability", lambda name: (True, "test") if name == "triton" else real(name))
+    monkeypatch.setattr(dispatch, "_availability",
+                        lambda name, family="guided": (True, "test") if name == "triton" else real(name, family))
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors"):
         dispatch.resolve("triton", torch.device("cpu"))
@@ -418,7 +419,8 @@ def test_kernels_check_their_arguments_when_called_directly():
 def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
     real = dispatch._availability
     monkeypatch.setattr(dispatch, "_availability",
-                        lambda name: (False, "simulated: not built") if name == "cpp" else real(name))
+                        lambda name, family="guided": (False, "simulated: not built") if name == "cpp"
+                        else real(name, family))
     monkeypatch.setattr(dispatch, "_warned", set())
     with pytest.warns(RuntimeWarning, match="simulated: not built"):
         assert dispatch.resolve("auto", torch.device("cpu")) == "reference"

@@ -8,7 +8,6 @@ C++ (csrc/toy_sampler.cpp) on CPU tensors, Triton (tritonkernels/toy_sampler.py)
 For classifier-free guidance on the toy, pass the unconditional ToyModel as the guide.
 """
 import importlib
-import os
 import warnings
 
 import torch
@@ -18,7 +17,7 @@ from fastguide.guidance import check_guidance, check_interval
 from fastguide.sampler import SOLVERS, sample, schedule
 from fastguide.toy.model import ToyModel
 
-BACKENDS = ("auto", "cpp", "triton", "reference")
+BACKENDS = ("auto",) + dispatch.FAMILIES["toy_sample"]["names"]
 COLUMN_BLOCK = 16          # the C++ kernel's register block: hidden must be a multiple of it
 TRITON_MIN_HIDDEN = 16     # tl.dot needs >= 16 along every dimension
 
@@ -107,45 +106,25 @@ def _kernel_support(backend, models):
     return ""
 
 
-def _availability(backend, device):
-    """(available, reason) of a fused backend for tensors on `device`."""
-    if backend == "cpp":
-        loaded, reason = dispatch._load_extension()
-        if not loaded:
-            return False, reason
-        if not dispatch._has_op("toy_sample", "CPU"):
-            return False, "fastguide._C has no toy_sample kernel (rebuild the extension)"
-        if device.type != "cpu":
-            return False, f"backend 'cpp' runs on CPU tensors, got device {device}"
-        return True, ""
-    try:
-        _triton_module()
-    except ImportError as exc:
-        return False, f"triton kernels unavailable ({exc})"
-    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return True, ""
-    return False, f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got device {device}"
-
-
 def _resolve(backend, device, main, guide):
-    """The backend that runs: a requested one must work; "auto" falls back to reference with a warning."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return backend
-    models = {"main": main, "guide": guide}
-    if backend != "auto":
-        available, reason = _availability(backend, device)
-        reason = reason or _kernel_support(backend, models)
+    """The backend that runs (chosen by fastguide.dispatch); one that cannot run these models is an
+    error when requested, and makes "auto" fall back to the reference sampler with a warning."""
+    dispatch.check_name(backend, family="toy_sample")
+    if backend == "auto":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            chosen = dispatch.resolve_family(backend, device, "toy_sample")
+        reason = "; ".join(str(w.message) for w in caught) if chosen == "reference" else \
+            _kernel_support(chosen, {"main": main, "guide": guide})
         if reason:
-            raise (ValueError if available else RuntimeError)(f"backend {backend!r} cannot run: {reason}")
-        return backend
-    candidate = "cpp" if device.type == "cpu" else "triton"
-    reason = _availability(candidate, device)[1] or _kernel_support(candidate, models)
-    if not reason:
-        return candidate
-    warnings.warn(f"sample_toy: using the reference sampler ({candidate}: {reason})", RuntimeWarning, stacklevel=3)
-    return "reference"
+            warnings.warn(f"sample_toy: using the reference sampler ({reason})", RuntimeWarning, stacklevel=3)
+            return "reference"
+        return chosen
+    chosen = dispatch.resolve_family(backend, device, "toy_sample")
+    reason = _kernel_support(chosen, {"main": main, "guide": guide})
+    if reason:
+        raise ValueError(f"backend {backend!r} cannot run: {reason}")
+    return chosen
 
 
 def _triton_module():
