@@ -13,13 +13,7 @@ from tests.conftest import requires_cuda
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: threads only add synchronisation (and contention on the shared CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add synchronisation
 
 
 class ConvDenoiser(nn.Module):

@@ -11,15 +11,12 @@ from tests.test_batching import NUM_CLASSES, MLPDenoiser, make_inputs
 
 
 @pytest.fixture(autouse=True)
-def fresh_compiler_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_compiler_state(one_thread):
     batching.TUNERS.clear()
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
     batching.TUNERS.clear()
-    torch.set_num_threads(threads)
 
 
 def compiled_graphs():

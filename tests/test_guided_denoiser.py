@@ -10,13 +10,10 @@ from tests.test_batching import NUM_CLASSES, ConvDenoiser, MLPDenoiser, make_inp
 
 
 @pytest.fixture(autouse=True)
-def one_thread_and_fresh_tuners():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread_and_fresh_tuners(one_thread):
     batching.TUNERS.clear()
     yield
     batching.TUNERS.clear()
-    torch.set_num_threads(threads)
 
 
 class CountingModule(nn.Module):

@@ -1,5 +1,4 @@
 """`fastguide sample` end to end: files per seed, resume after a kill, torchrun sharding, bad input."""
-import contextlib
 import glob
 import json
 import os
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import fastguide
+from fastguide._threads import torch_threads
 from fastguide.cli import main
 from nets_for_cli import TinyNet
 
@@ -23,17 +23,6 @@ ROOT = os.path.dirname(TESTS)
 COMMON = ["--net", "nets_for_cli:tiny_net", "--seeds", "0-11", "--batch", "2", "--steps", "4",
           "--guidance", "2", "--format", "npz"]
 SEEDS = list(range(12))
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Runs compared byte for byte use one thread, like each torchrun rank (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def subprocess_env(**extra):
@@ -65,7 +54,7 @@ def records(outdir):
 def reference_run(tmp_path_factory):
     """One in-process run over seeds 0-11 (CFG on the class-conditional tiny net); returns its folder."""
     outdir = str(tmp_path_factory.mktemp("reference") / "out")
-    with one_thread():
+    with torch_threads(1):  # like each torchrun rank (OMP_NUM_THREADS=1)
         assert main(["sample", *COMMON, "--outdir", outdir]) == 0
     return outdir
 
@@ -98,7 +87,7 @@ def test_one_file_per_seed_with_the_seeds_own_noise_and_class(reference_run):
     net = TinyNet(seed=0).eval()
     all_classes = set()
     for first in range(0, 12, 2):  # the CLI's batches of 2
-        with one_thread():
+        with torch_threads(1):  # like each torchrun rank (OMP_NUM_THREADS=1)
             x, classes = expected_samples(net, [first, first + 1], guidance=2.0)
         for row in range(2):
             with np.load(files[first + row]) as data:
@@ -171,14 +160,14 @@ def test_rerun_skips_existing_and_refills_missing_identically(reference_run, tmp
     shutil.copytree(reference_run, outdir)
     before = read_bytes(result_files(outdir))
     ids = file_ids(result_files(outdir))
-    with one_thread():
+    with torch_threads(1):  # like each torchrun rank (OMP_NUM_THREADS=1)
         assert main(["sample", *COMMON, "--outdir", outdir]) == 0
     assert file_ids(result_files(outdir)) == ids  # nothing was rewritten
     assert records(outdir)[-1]["counts"] == dict(records(outdir)[-1]["counts"], written=0, skipped=12, batches_run=0)
     removed = [os.path.join(outdir, "000000", name) for name in ("000003.npz", "000008.npz")]
     for path in removed:
         os.remove(path)
-    with one_thread():
+    with torch_threads(1):  # like each torchrun rank (OMP_NUM_THREADS=1)
         assert main(["sample", *COMMON, "--outdir", outdir]) == 0
     assert read_bytes(result_files(outdir)) == before
     kept = {p: v for p, v in ids.items() if p not in removed}
@@ -208,7 +197,7 @@ def test_killed_run_resumes_without_loss_or_repeats(reference_run, tmp_path, mon
             assert data["x"].shape == (3, 8, 8)
     ids = file_ids(written)
     monkeypatch.setenv("FASTGUIDE_TEST_DELAY", "0")
-    with one_thread():
+    with torch_threads(1):  # like each torchrun rank (OMP_NUM_THREADS=1)
         assert main(["sample", *COMMON, "--outdir", outdir]) == 0
     final = result_files(outdir)
     assert [os.path.basename(p) for p in final] == [f"{s:06d}.npz" for s in SEEDS]

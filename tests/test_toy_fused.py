@@ -30,14 +30,8 @@ def random_model(hidden, seed, gain=0.15, num_layers=4):
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The reference sampler's many tiny ops run fastest (and steadiest on a busy machine) on one
-    thread; test_cpp_threads_split_tiles_exactly checks the kernel with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one thread (conftest); test_cpp_threads_split_tiles_exactly checks the kernel with two
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,25 +11,15 @@ The neighbour searches are exact but visit only nearby pairs: points are sorted 
 curve and processed in chunks of neighbours; each chunk is compared only with the points whose
 ball can reach its bounding box, which is what keeps 13 evaluations at 16384 points fast.
 """
-import contextlib
 import numbers
 
 import torch
 
+from fastguide._threads import torch_threads
+
 K_NEIGHBOURS = 3
 OUTLIER_QUANTILE = 0.01
 CHUNK = 128
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """The neighbour searches run many small ops, which threads slow down (badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def check_points(name, points, minimum=1):
@@ -93,7 +83,7 @@ def knn_radii(points, k=K_NEIGHBOURS, chunk=CHUNK):
     order = z_order(points)
     sorted_points = points[order]
     radii2 = torch.empty(len(points), dtype=torch.float64)
-    with _one_thread():
+    with torch_threads(1):  # many small ops, which threads slow down (badly on a busy machine)
         for start in range(0, len(points), chunk):
             _knn_chunk(sorted_points, order, start, chunk, k, radii2)
     return radii2.sqrt()
@@ -122,7 +112,7 @@ def inside_manifold(queries, centres, radii, chunk=CHUNK):
     radii = radii.to(torch.float64)
     order = z_order(queries)
     inside = torch.empty(len(queries), dtype=torch.bool)
-    with _one_thread():
+    with torch_threads(1):  # many small ops, which threads slow down (badly on a busy machine)
         for start in range(0, len(queries), chunk):
             rows = order[start:start + chunk]
             inside[rows] = _inside_block(queries[rows], centres, radii)
