@@ -48,6 +48,7 @@ def _check_inputs(model, x, sigmas, extra_args, callback):
     return values.tolist()
 
 
+@torch.no_grad()  # as k-diffusion's samplers; a model that needs autograd enables it itself
 def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, heun):
     t_steps = _check_inputs(model, x, sigmas, extra_args, callback)
     s_churn = _check_real("s_churn", s_churn, minimum=0.0, strict=False)
