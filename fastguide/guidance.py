@@ -6,13 +6,12 @@ sampler can use fastguide as its guidance backend.  fastguide.sample uses `predi
 returns the two predictions separately so that the fused ops combine them with the solver update.
 """
 import math
-import numbers
 import types
 
 import torch
 from torch import nn
 
-from fastguide import batching, reference
+from fastguide import batching, ops, reference
 
 
 class DenoiserOutputError(RuntimeError):
@@ -20,11 +19,7 @@ class DenoiserOutputError(RuntimeError):
 
 
 def check_guidance(guidance, argument="guidance"):
-    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
-        raise TypeError(f"{argument} must be a real number, got {type(guidance).__name__}")
-    if not math.isfinite(guidance):
-        raise ValueError(f"{argument} must be finite, got {guidance}")
-    return float(guidance)
+    return ops.check_real(argument, guidance)
 
 
 def check_interval(guidance_interval):

@@ -12,7 +12,6 @@ import torch
 
 from fastguide import ops, reference
 from fastguide.guidance import GuidedDenoiser, check_output
-from fastguide.sampler import _check_real
 
 LABEL_KEYS = ("labels", "class_labels", "cond")
 
@@ -51,10 +50,10 @@ def _check_inputs(model, x, sigmas, extra_args, callback):
 @torch.no_grad()  # as k-diffusion's samplers; a model that needs autograd enables it itself
 def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, heun):
     t_steps = _check_inputs(model, x, sigmas, extra_args, callback)
-    s_churn = _check_real("s_churn", s_churn, minimum=0.0, strict=False)
-    s_noise = _check_real("s_noise", s_noise)
-    s_tmin = _check_real("s_tmin", s_tmin, finite=False)
-    s_tmax = _check_real("s_tmax", s_tmax, finite=False)
+    s_churn = ops.check_real("s_churn", s_churn, minimum=0.0, strict=False)
+    s_noise = ops.check_real("s_noise", s_noise)
+    s_tmin = ops.check_real("s_tmin", s_tmin, finite=False)
+    s_tmax = ops.check_real("s_tmax", s_tmax, finite=False)
     predict = _predictor(model, x, extra_args or {})
     num_steps = len(t_steps) - 1
     x_cur = x.clone(memory_format=torch.contiguous_format)

@@ -17,14 +17,16 @@ from fastguide import dispatch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_scalar(name, value, positive=False):
+def check_real(name, value, *, minimum=None, strict=True, finite=True):
+    """value as a float: a real Python number, finite (unless finite=False: ±inf allowed, NaN never),
+    and > minimum (>= when strict=False); otherwise an error naming `name`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real Python number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if math.isnan(value) or (finite and math.isinf(value)):
         raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
     return value
 
 
@@ -56,9 +58,9 @@ def _output(name, out, x):
 def guided_euler(x, d_main, d_guide, guidance, t_cur, t_next, *, out=None, deriv_out=None, backend="auto"):
     """Guidance + Euler step in one pass; returns (x_next, deriv).  See the module docstring."""
     _check_tensors(x, d_main=d_main, d_guide=d_guide)
-    guidance = _check_scalar("guidance", guidance)
-    t_cur = _check_scalar("t_cur", t_cur, positive=True)
-    t_next = _check_scalar("t_next", t_next)
+    guidance = check_real("guidance", guidance)
+    t_cur = check_real("t_cur", t_cur, minimum=0)
+    t_next = check_real("t_next", t_next)
     out, deriv_out = _output("out", out, x), _output("deriv_out", deriv_out, x)
     impl = dispatch.implementation(dispatch.resolve(backend, x.device))
     return impl.guided_euler(x, d_main, d_guide, guidance, t_cur, t_next, out=out, deriv_out=deriv_out)
@@ -67,9 +69,9 @@ def guided_euler(x, d_main, d_guide, guidance, t_cur, t_next, *, out=None, deriv
 def guided_heun(x, deriv, d_main, d_guide, guidance, t_cur, t_next, *, out=None, backend="auto"):
     """Guidance + Heun correction in one pass; returns x_next.  See the module docstring."""
     _check_tensors(x, deriv=deriv, d_main=d_main, d_guide=d_guide)
-    guidance = _check_scalar("guidance", guidance)
-    t_cur = _check_scalar("t_cur", t_cur, positive=True)
-    t_next = _check_scalar("t_next", t_next, positive=True)
+    guidance = check_real("guidance", guidance)
+    t_cur = check_real("t_cur", t_cur, minimum=0)
+    t_next = check_real("t_next", t_next, minimum=0)
     out = _output("out", out, x)
     impl = dispatch.implementation(dispatch.resolve(backend, x.device))
     return impl.guided_heun(x, deriv, d_main, d_guide, guidance, t_cur, t_next, out=out)

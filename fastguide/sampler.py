@@ -10,20 +10,9 @@ import numbers
 import torch
 
 from fastguide import dispatch, ops, reference
-from fastguide.guidance import DenoiserOutputError, GuidedDenoiser, check_guidance, check_interval, check_labels
+from fastguide.guidance import DenoiserOutputError, GuidedDenoiser, check_labels
 
 SOLVERS = ("euler", "heun")
-
-
-def _check_real(name, value, *, minimum=None, strict=True, finite=True):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value) or (finite and math.isinf(value)):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
-    return value
 
 
 def check_sigmas(sigmas):
@@ -48,11 +37,11 @@ def schedule(num_steps, sigma_min, sigma_max, rho, sigmas=None):
         return check_sigmas(sigmas).tolist()
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    sigma_min = _check_real("sigma_min", sigma_min, minimum=0.0)
-    sigma_max = _check_real("sigma_max", sigma_max)
+    sigma_min = ops.check_real("sigma_min", sigma_min, minimum=0.0)
+    sigma_max = ops.check_real("sigma_max", sigma_max)
     if sigma_min >= sigma_max:
         raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    rho = _check_real("rho", rho, minimum=0.0)
+    rho = ops.check_real("rho", rho, minimum=0.0)
     return reference.edm_sigmas(int(num_steps), sigma_min, sigma_max, rho).tolist()
 
 
@@ -88,12 +77,8 @@ def sample(net, noise, *, labels=None, guide=None, guide_labels=None, guidance=1
 
 
 def _make_denoiser(net, guide, guidance, guide_labels, guidance_interval, options):
-    """Builds the GuidedDenoiser for sample(); options are GuidedDenoiser's extra keyword arguments."""
-    if not callable(net):
-        raise TypeError(f"net must be callable, got {type(net).__name__}")
-    if guide is not None and not callable(guide):
-        raise TypeError(f"guide must be callable or None, got {type(guide).__name__}")
-    check_guidance(guidance)
+    """Builds the GuidedDenoiser for sample() (its constructor validates net, guide and guidance);
+    options are GuidedDenoiser's extra keyword arguments."""
     return GuidedDenoiser(net, guide, guidance=guidance, guide_labels=guide_labels,
                           guidance_interval=guidance_interval, **options)
 
@@ -113,10 +98,10 @@ def run_sampler(denoiser, noise, *, labels=None, num_steps=32, sigma_min=0.002, 
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     t_steps = schedule(num_steps, sigma_min, sigma_max, rho, sigmas)
     num_steps = len(t_steps) - 1
-    S_churn = _check_real("S_churn", S_churn, minimum=0.0, strict=False)
-    S_noise = _check_real("S_noise", S_noise)
-    S_min = _check_real("S_min", S_min, finite=False)
-    S_max = _check_real("S_max", S_max, finite=False)
+    S_churn = ops.check_real("S_churn", S_churn, minimum=0.0, strict=False)
+    S_noise = ops.check_real("S_noise", S_noise)
+    S_min = ops.check_real("S_min", S_min, finite=False)
+    S_max = ops.check_real("S_max", S_max, finite=False)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     randn_like = torch.randn_like if randn_like is None else randn_like

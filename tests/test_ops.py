@@ -340,7 +340,7 @@ BAD_EULER = [
     (dict(d_main=torch.ones(2, 3, dtype=torch.int32)), TypeError, "d_main has dtype torch.int32"),
     (dict(d_main=[1.0]), TypeError, "d_main must be a tensor"),
     (dict(guidance=float("nan")), ValueError, "guidance must be finite"),
-    (dict(guidance=True), TypeError, "guidance must be a real Python number"),
+    (dict(guidance=True), TypeError, "guidance must be a real number"),
     (dict(t_cur=float("inf")), ValueError, "t_cur must be finite"),
     (dict(t_next=float("-inf")), ValueError, "t_next must be finite"),
     (dict(t_cur=0.0), ValueError, r"t_cur must be > 0, got 0.0"),
