@@ -68,19 +68,12 @@ def sample(net, noise, *, labels=None, guide=None, guide_labels=None, guidance=1
     strategy, compile: how net and guide are evaluated together (see GuidedDenoiser).
     The callback's x and denoised are the sampler's buffers: clone them to keep them.
     """
-    denoiser = _make_denoiser(net, guide, guidance, guide_labels, guidance_interval,
-                              dict(strategy=strategy, compile=compile))
+    denoiser = GuidedDenoiser(net, guide, guidance=guidance, guide_labels=guide_labels,
+                              guidance_interval=guidance_interval, strategy=strategy, compile=compile)
     return run_sampler(denoiser, noise, labels=labels, num_steps=num_steps, sigma_min=sigma_min,
                        sigma_max=sigma_max, rho=rho, sigmas=sigmas, solver=solver, S_churn=S_churn,
                        S_min=S_min, S_max=S_max, S_noise=S_noise, randn_like=randn_like, dtype=dtype,
                        backend=backend, progress=progress, callback=callback, return_stats=return_stats)
-
-
-def _make_denoiser(net, guide, guidance, guide_labels, guidance_interval, options):
-    """Builds the GuidedDenoiser for sample() (its constructor validates net, guide and guidance);
-    options are GuidedDenoiser's extra keyword arguments."""
-    return GuidedDenoiser(net, guide, guidance=guidance, guide_labels=guide_labels,
-                          guidance_interval=guidance_interval, **options)
 
 
 def run_sampler(denoiser, noise, *, labels=None, num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
@@ -107,7 +100,6 @@ def run_sampler(denoiser, noise, *, labels=None, num_steps=32, sigma_min=0.002, 
     randn_like = torch.randn_like if randn_like is None else randn_like
     if not callable(randn_like):
         raise TypeError(f"randn_like must be callable, got {type(randn_like).__name__}")
-    dispatch.check_name(backend)
     backend = dispatch.resolve(backend, noise.device)
 
     denoiser.reset_stats()
