@@ -10,6 +10,8 @@ import math
 import torch
 from matplotlib.figure import Figure
 
+from fastguide import reference
+
 EXTENT = (-1.1, 1.45, -0.8, 1.55)          # x_lo, x_hi, y_lo, y_hi: class A of the tree, room for the inset
 ZOOM = (0.9, 1.3, -0.1, 0.3)               # a group of branch tips (x_lo, x_hi, y_lo, y_hi)
 INSET_BOUNDS = (0.02, 0.02, 0.38, 0.38)      # the inset's place in the panel (axes fraction), bottom left
@@ -92,7 +94,7 @@ def guided_score(main, guide, guidance, sigma, points):
     """∇log p0 + w·(∇log p1 − ∇log p0) on points at σ: (D_w(x) − x)/σ², the direction guidance moves x."""
     x = points.to(torch.float32)
     score1, score0 = main.score(x, sigma).double(), guide.score(x, sigma).double()
-    return score0 + guidance * (score1 - score0)
+    return reference.guide(score1, score0, guidance)
 
 
 def figure2(path, main, guide, ground_truth, *, guidance, sigmas=(0.05, 0.15), extent=EXTENT,
@@ -144,7 +146,7 @@ def _outline(ax, xs, ys, truth, depth=6.0):
 
 def _score_panel(fig, ax, main, guide, guidance, sigma, xs, ys, log_p1, log_p0, truth, extent, arrows):
     """Stream lines of the guided score over the guided density p0·(p1/p0)^w, coloured by log10 |score|."""
-    guided = normalized_log_density(log_p0 + guidance * (log_p1 - log_p0), xs, ys)
+    guided = normalized_log_density(reference.guide(log_p1, log_p0, guidance), xs, ys)
     _shade_density(ax, xs, ys, guided, depth=8.0, alpha=0.6)
     _outline(ax, xs, ys, truth)
     coarse_xs, coarse_ys, coarse = grid(extent, arrows)
