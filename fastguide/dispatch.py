@@ -1,9 +1,15 @@
-"""The one place that decides which backend runs the fused ops.
+"""The one place that decides which backend runs a family of fused ops.
 
-Backends: "reference" (plain PyTorch, fastguide.reference), "cpp" (fastguide._C, CPU tensors),
-"cuda" (fastguide._C built with CUDA, CUDA tensors), "triton" (tritonkernels, CUDA tensors, or CPU
-tensors under TRITON_INTERPRET=1).  "auto" picks, per device, the fastest one available.
+Backends: "reference" (plain PyTorch), "cpp" (a C++ extension, CPU tensors), "cuda" (the same
+extension built with CUDA, CUDA tensors), "triton" (Triton kernels: CUDA tensors, or CPU tensors
+under TRITON_INTERPRET=1).  "auto" picks, per device, the fastest one available.
+
+A family is a set of ops with one module per backend that implements them all with one
+signature.  fastguide's own family is "guided" (the fused guidance + solver epilogues); other
+packages (fastguide.toy, say) add theirs with register_family and ask resolve/implementation
+for it: nothing here knows them.
 """
+import dataclasses
 import functools
 import importlib
 import os
@@ -12,28 +18,55 @@ import warnings
 import torch
 
 NAMES = ("reference", "cpp", "triton", "cuda")
-# Each family of fused ops: the backends it has, the fastguide._C ops a C++/CUDA backend needs,
-# and the module of its Triton kernels.
-FAMILIES = {
-    "guided": dict(names=NAMES, ops=("guided_euler_out", "guided_heun_out"), triton="tritonkernels"),
-    "toy_sample": dict(names=("reference", "cpp", "triton"), ops=("toy_sample",), triton="tritonkernels.toy_sampler"),
-}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    modules: dict          # backend name -> module that implements the family's functions
+    extension: str = ""    # the module whose import registers the C++/CUDA kernels
+    ops: tuple = ()        # "namespace::op" names the cpp/cuda backends need kernels for
+
+    @property
+    def names(self):
+        return tuple(name for name in NAMES if name in self.modules)
+
+
+FAMILIES = {}
 _warned = set()
+_implementations = {}
+
+
+def register_family(name, *, modules, extension="", ops=()):
+    """Adds (or replaces) the family `name`: modules maps each backend name it has to the module
+    implementing it; extension and ops say what the cpp/cuda backends need."""
+    unknown = set(modules) - set(NAMES)
+    if unknown:
+        raise ValueError(f"register_family: unknown backend names {sorted(unknown)}; expected a subset of {NAMES}")
+    FAMILIES[name] = Family(dict(modules), extension, tuple(ops))
+    for key in [key for key in _implementations if key[0] == name]:
+        del _implementations[key]
+
+
+register_family("guided", modules={"reference": "fastguide.reference", "cpp": "fastguide._extension_ops",
+                                   "cuda": "fastguide._extension_ops", "triton": "tritonkernels"},
+                extension="fastguide._C",
+                ops=("fastguide::guided_euler_out", "fastguide::guided_heun_out"))
 
 
 @functools.lru_cache(maxsize=None)
-def _load_extension():
-    """Imports fastguide._C once; returns (loaded, reason)."""
+def load_extension(module):
+    """Imports a kernel extension once; returns (loaded, reason)."""
     try:
-        importlib.import_module("fastguide._C")
+        importlib.import_module(module)
     except ImportError as exc:
-        return False, f"fastguide._C is not built ({exc}); run scripts/test.sh or `python setup.py build_ext --inplace`"
+        return False, f"{module} is not built ({exc}); run scripts/test.sh or `python setup.py build_ext --inplace`"
     return True, ""
 
 
-def _has_op(name, dispatch_key):
+def has_kernel(op, dispatch_key):
+    """Whether the op "namespace::name" has a kernel for dispatch_key ("CPU", "CUDA")."""
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastguide::{name}", dispatch_key)
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
     except RuntimeError:
         return False
 
@@ -41,51 +74,53 @@ def _has_op(name, dispatch_key):
 @functools.lru_cache(maxsize=None)
 def _availability(name, family="guided"):
     """(available, reason) for one backend of a family of ops, independent of the device."""
-    ops = FAMILIES[family]
+    spec = FAMILIES[family]
+    if name not in spec.modules:
+        return False, f"the {family!r} ops have no {name} backend"
     if name == "reference":
         return True, "plain PyTorch"
     if name in ("cpp", "cuda"):
-        loaded, reason = _load_extension()
+        loaded, reason = load_extension(spec.extension)
         if not loaded:
             return False, reason
         key = "CPU" if name == "cpp" else "CUDA"
-        if not all(_has_op(op, key) for op in ops["ops"]):
-            return False, f"fastguide._C has no {key} kernels for {', '.join(ops['ops'])}" + (
+        if not all(has_kernel(op, key) for op in spec.ops):
+            return False, f"{spec.extension} has no {key} kernels for {', '.join(spec.ops)}" + (
                 " (torch was built without CUDA)" if name == "cuda" and torch.version.cuda is None else "")
         if name == "cuda" and not torch.cuda.is_available():
             return False, "no CUDA device"
-        return True, f"fastguide._C {key} kernels"
-    if name == "triton":
-        try:
-            importlib.import_module(ops["triton"])
-        except ImportError as exc:
-            return False, f"triton kernels unavailable ({exc})"
-        if torch.cuda.is_available():
-            return True, "Triton on CUDA"
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return True, "Triton interpreter (TRITON_INTERPRET=1) on CPU tensors"
-        return False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)"
-    raise ValueError(name)
+        return True, f"{spec.extension} {key} kernels"
+    try:
+        importlib.import_module(spec.modules["triton"])
+    except ImportError as exc:
+        return False, f"triton kernels unavailable ({exc})"
+    if torch.cuda.is_available():
+        return True, "Triton on CUDA"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "Triton interpreter (TRITON_INTERPRET=1) on CPU tensors"
+    return False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)"
 
 
-def backends():
-    """What each backend is: {name: {"available": bool, "reason": str}}."""
-    return {name: dict(zip(("available", "reason"), _availability(name))) for name in NAMES}
+def backends(family="guided"):
+    """What each backend of a family is: {name: {"available": bool, "reason": str}}."""
+    return {name: dict(zip(("available", "reason"), _availability(name, family))) for name in FAMILIES[family].names}
 
 
 def check_name(backend, argument="backend", family="guided"):
-    names = FAMILIES[family]["names"]
+    """Refuses a backend name the family does not have (before any work)."""
+    names = FAMILIES[family].names
     if backend != "auto" and backend not in names:
         raise ValueError(f"{argument} must be one of {('auto',) + names}, got {backend!r}")
+    return backend
 
 
-def resolve(backend, device):
-    """The backend name that runs on `device` for a requested name ("auto" or one of NAMES).
+def resolve(backend, device, family="guided"):
+    """The backend name that runs `family` on `device` for a requested name ("auto" or one of NAMES).
 
     torch.compile runs it eagerly and treats the name as a constant, so compiled code that calls
     fastguide.ops traces straight into the chosen kernel."""
-    name = _resolve(backend, device)
-    _load_implementation(name)
+    name = _resolve(backend, torch.device(device), family)
+    implementation(name, family)
     return name
 
 
@@ -94,24 +129,21 @@ def resolve(backend, device):
 resolve._dynamo_marked_constant = True
 
 
-def _resolve(backend, device, family="guided"):
+def _resolve(backend, device, family):
     check_name(backend, family=family)
-    device = torch.device(device)
     if backend != "auto":
         available, reason = _availability(backend, family)
         if not available:
             raise RuntimeError(f"backend {backend!r} is not available: {reason}")
-        if backend == "cpp" and device.type != "cpu":
-            raise ValueError(f"backend 'cpp' runs on CPU tensors, got device {device}")
-        if backend == "cuda" and device.type != "cuda":
-            raise ValueError(f"backend 'cuda' runs on CUDA tensors, got device {device}")
+        wanted = {"cpp": "cpu", "cuda": "cuda"}.get(backend)
+        if wanted and device.type != wanted:
+            raise ValueError(f"backend {backend!r} runs on {wanted.upper()} tensors, got device {device}")
         if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"backend 'triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
                              f"got device {device}")
         return backend
-    names = FAMILIES[family]["names"]
     candidates = ("cuda", "triton") if device.type == "cuda" else ("cpp",) if device.type == "cpu" else ()
-    candidates = tuple(name for name in candidates if name in names)
+    candidates = tuple(name for name in candidates if name in FAMILIES[family].modules)
     for name in candidates:
         if _availability(name, family)[0]:
             return name
@@ -123,25 +155,12 @@ def _resolve(backend, device, family="guided"):
     return "reference"
 
 
-def resolve_family(backend, device, family):
-    """Like resolve, for another family of fused ops (see FAMILIES): the backend that runs on device."""
-    return _resolve(backend, device, family)
-
-
-_MODULES = {"reference": "fastguide.reference", "cpp": "fastguide._extension_ops",
-            "cuda": "fastguide._extension_ops", "triton": "tritonkernels"}
-_implementations = {}
-
-
-def _load_implementation(name):
-    if name not in _implementations:
-        _implementations[name] = importlib.import_module(_MODULES[name])
-    return _implementations[name]
-
-
-def implementation(name):
-    """The module whose guided_euler/guided_heun run backend `name` (all share one signature)."""
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; expected one of {NAMES}")
-    implementation_module = _implementations.get(name)
-    return implementation_module if implementation_module is not None else _load_implementation(name)
+def implementation(name, family="guided"):
+    """The module that runs backend `name` of `family` (every backend's module has one signature)."""
+    module = _implementations.get((family, name))
+    if module is None:
+        modules = FAMILIES[family].modules
+        if name not in modules:
+            raise ValueError(f"unknown backend {name!r} for the {family!r} ops; expected one of {tuple(modules)}")
+        module = _implementations[family, name] = importlib.import_module(modules[name])
+    return module

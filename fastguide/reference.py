@@ -1,7 +1,7 @@
 """The reference math of fastguide, in plain PyTorch.
 
 Everything the sampler computes lives here once: the σ schedule, the guidance combination and
-the fused Euler/Heun updates.  The fallback backend runs these functions, and the tests compare
+the fused solver epilogues (Euler, ancestral, Heun, DPM-Solver++(2M)).  The fallback backend runs these functions, and the tests compare
 every kernel against them (in float64).  Math runs in float32, or float64 for float64 tensors.
 """
 import math
@@ -51,21 +51,80 @@ def _write(result, out):
     return out
 
 
-def guided_euler(x, d_main, d_guide, guidance, t_cur, t_next, *, out=None, deriv_out=None):
-    """Euler step: deriv = (x − D)/t_cur, x_next = x + (t_next − t_cur)·deriv.  Returns (x_next, deriv)."""
+def nonfinite_bits(d_main, d_guide, written):
+    """The epilogues' non-finite flag bits as an int32 0-d tensor (no host read):
+    1: d_main has a NaN or inf, 2: d_guide has one, 4: the written x_next has one."""
+    bits = (~torch.isfinite(d_main)).any().to(torch.int32)
+    if d_guide is not None:
+        bits = bits | ((~torch.isfinite(d_guide)).any().to(torch.int32) << 1)
+    return bits | ((~torch.isfinite(written)).any().to(torch.int32) << 2)
+
+
+def _flag(flags, d_main, d_guide, written):
+    if flags is not None:
+        flags.bitwise_or_(nonfinite_bits(d_main, d_guide, written).reshape(flags.shape))
+
+
+def guided_euler(x, d_main, d_guide, guidance, t_cur, t_next, *, out=None, deriv_out=None, noise=None,
+                 noise_scale=0.0, flags=None):
+    """Euler step: deriv = (x − D)/t_cur, x_next = x + (t_next − t_cur)·deriv [+ noise_scale·noise].
+    Returns (x_next, deriv).  With noise it is the ancestral step (t_next = σ_down, noise_scale = σ_up·S_noise)."""
     cdt = compute_dtype(x.dtype)
     denoised = guide(d_main.to(cdt), None if d_guide is None else d_guide.to(cdt), guidance)
     deriv = (x.to(cdt) - denoised) / t_cur
     x_next = x.to(cdt) + (t_next - t_cur) * deriv
-    return _write(x_next.to(x.dtype), out), _write(deriv.to(x.dtype), deriv_out)
+    if noise is not None:
+        x_next = x_next + noise_scale * noise.to(cdt)
+    x_next = _write(x_next.to(x.dtype), out)
+    _flag(flags, d_main, d_guide, x_next)
+    return x_next, _write(deriv.to(x.dtype), deriv_out)
 
 
-def guided_heun(x, deriv, d_main, d_guide, guidance, t_cur, t_next, *, out=None):
+def guided_heun(x, deriv, d_main, d_guide, guidance, t_cur, t_next, *, out=None, flags=None):
     """Heun correction at t_next of the Euler step (x, deriv) taken from t_cur.  Returns x_next."""
     cdt = compute_dtype(x.dtype)
     x_c, deriv_c = x.to(cdt), deriv.to(cdt)
     x_euler = x_c + (t_next - t_cur) * deriv_c
     denoised = guide(d_main.to(cdt), None if d_guide is None else d_guide.to(cdt), guidance)
     deriv_next = (x_euler - denoised) / t_next
-    x_next = x_c + (t_next - t_cur) * (0.5 * deriv_c + 0.5 * deriv_next)
-    return _write(x_next.to(x.dtype), out)
+    x_next = _write((x_c + (t_next - t_cur) * (0.5 * deriv_c + 0.5 * deriv_next)).to(x.dtype), out)
+    _flag(flags, d_main, d_guide, x_next)
+    return x_next
+
+
+def guided_dpmpp_2m(x, d_main, d_guide, denoised_prev, guidance, x_coef, d_coef, prev_coef, *, out=None,
+                    denoised_out=None, flags=None):
+    """DPM-Solver++(2M) update: x_next = x_coef·x + d_coef·D + prev_coef·D_prev, and D written to
+    denoised_out (the next step's D_prev).  D_prev is not read when prev_coef == 0 (first-order
+    steps; it may be None then).  Coefficients: dpmpp_2m_coefficients.  Returns (x_next, D)."""
+    cdt = compute_dtype(x.dtype)
+    denoised = guide(d_main.to(cdt), None if d_guide is None else d_guide.to(cdt), guidance)
+    x_next = x_coef * x.to(cdt) + d_coef * denoised
+    if prev_coef != 0:
+        x_next = x_next + prev_coef * denoised_prev.to(cdt)
+    x_next = _write(x_next.to(x.dtype), out)
+    _flag(flags, d_main, d_guide, x_next)
+    return x_next, _write(denoised.to(x.dtype), denoised_out)
+
+
+def dpmpp_2m_coefficients(sigma_prev, sigma, sigma_next):
+    """(x_coef, d_coef, prev_coef) of DPM-Solver++(2M) (Lu et al. 2022) in σ, as k-diffusion's
+    sample_dpmpp_2m: t = −log σ, h = t_next − t; first order (prev_coef = 0) on the first step
+    (sigma_prev None) and on a step to σ = 0, else the 2M correction with r = h_last / h."""
+    if sigma_next == 0:
+        return 0.0, 1.0, 0.0
+    h = math.log(sigma) - math.log(sigma_next)
+    x_coef = sigma_next / sigma
+    one_minus = -math.expm1(-h)              # 1 − σ_next/σ, accurate for small h
+    if sigma_prev is None:
+        return x_coef, one_minus, 0.0
+    r = (math.log(sigma_prev) - math.log(sigma)) / h
+    return x_coef, one_minus * (1 + 1 / (2 * r)), -one_minus / (2 * r)
+
+
+def ancestral_step(sigma, sigma_next, eta=1.0):
+    """k-diffusion's get_ancestral_step: (σ_down, σ_up) with σ_down² + σ_up² = σ_next²."""
+    if not eta:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+    return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up

@@ -9,7 +9,7 @@ from fastguide import dispatch
 from fastguide.toy import mixture as mixture_module
 from fastguide.toy.mixture import score_and_logp_reference, tree_mixture
 
-HAS_KERNEL = dispatch._load_extension()[0] and dispatch._has_op("mixture_score", "CPU")
+HAS_KERNEL = dispatch.load_extension("fastguide._C")[0] and dispatch.has_kernel("fastguide::mixture_score", "CPU")
 requires_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="fastguide._C with mixture_score is not built")
 
 

@@ -17,7 +17,10 @@ from fastguide.guidance import check_guidance, check_interval
 from fastguide.sampler import SOLVERS, sample, schedule
 from fastguide.toy.model import ToyModel
 
-BACKENDS = ("auto",) + dispatch.FAMILIES["toy_sample"]["names"]
+dispatch.register_family("toy_sample", modules={"reference": "fastguide.toy.fused", "cpp": "fastguide.toy.fused",
+                                               "triton": "tritonkernels.toy_sampler"},
+                         extension="fastguide._C", ops=("fastguide::toy_sample",))
+BACKENDS = ("auto",) + dispatch.FAMILIES["toy_sample"].names
 COLUMN_BLOCK = 16          # the C++ kernel's register block: hidden must be a multiple of it
 TRITON_MIN_HIDDEN = 16     # tl.dot needs >= 16 along every dimension
 
@@ -113,14 +116,14 @@ def _resolve(backend, device, main, guide):
     if backend == "auto":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            chosen = dispatch.resolve_family(backend, device, "toy_sample")
+            chosen = dispatch.resolve(backend, device, "toy_sample")
         reason = "; ".join(str(w.message) for w in caught) if chosen == "reference" else \
             _kernel_support(chosen, {"main": main, "guide": guide})
         if reason:
             warnings.warn(f"sample_toy: using the reference sampler ({reason})", RuntimeWarning, stacklevel=3)
             return "reference"
         return chosen
-    chosen = dispatch.resolve_family(backend, device, "toy_sample")
+    chosen = dispatch.resolve(backend, device, "toy_sample")
     reason = _kernel_support(chosen, {"main": main, "guide": guide})
     if reason:
         raise ValueError(f"backend {backend!r} cannot run: {reason}")

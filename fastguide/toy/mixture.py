@@ -89,7 +89,7 @@ def _check_points(x):
 
 def _use_kernel(x):
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) \
-        and dispatch._load_extension()[0] and dispatch._has_op("mixture_score", "CPU")
+        and dispatch.load_extension("fastguide._C")[0] and dispatch.has_kernel("fastguide::mixture_score", "CPU")
 
 
 def score_and_logp_reference(x, sigma, means, covs, log_weights, dtype=torch.float64):

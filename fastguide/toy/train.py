@@ -71,7 +71,7 @@ def score_matching_loss(model, x, sigma, target):
 
 
 def _has_silu_kernel():
-    return dispatch._load_extension()[0] and dispatch._has_op("toy_silu_derivatives", "CPU")
+    return dispatch.load_extension("fastguide._C")[0] and dispatch.has_kernel("fastguide::toy_silu_derivatives", "CPU")
 
 
 def silu_derivatives(z):
