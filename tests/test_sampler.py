@@ -159,11 +159,14 @@ def test_samples_match_gaussian_moments():
     assert torch.allclose(x.std(0), torch.full((2,), std), atol=5 * std / (2 * n) ** 0.5)
 
 
-def test_callback_and_progress():
+def test_callback_and_progress(capfd):
     seen = []
-    fastguide.sample(nonlinear_net, torch.randn(2, 3), num_steps=5, progress=True,
-                     callback=lambda info: seen.append((info["i"], info["sigma"], info["sigma_next"],
-                                                        info["x"].clone(), info["denoised"].clone())))
+    x = fastguide.sample(nonlinear_net, torch.randn(2, 3), num_steps=5, progress=True,
+                         callback=lambda info: seen.append((info["i"], info["sigma"], info["sigma_next"],
+                                                            info["x"].clone(), info["denoised"].clone())))
+    progress = capfd.readouterr().err
+    assert "sampling" in progress and "5/5" in progress and "0/5" in progress  # the bar counted every step
+    assert torch.equal(seen[-1][3], x)  # the last step's x is the result
     assert [s[0] for s in seen] == list(range(5))
     t_steps = edm_schedule(5)
     assert [s[1] for s in seen] == pytest.approx(t_steps[:5]) and seen[-1][2] == 0.0
