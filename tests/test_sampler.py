@@ -16,11 +16,8 @@ def edm_schedule(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     return steps + [0.0]
 
 
-def expected_run(net, guide, noise, t_steps, *, guidance=1.0, interval=None, solver="heun",
-                 S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, draws=None):
-    """The sampler written out from the formulas, in float64, with one plain call per model."""
-    num_steps = len(t_steps) - 1
-
+def guided_denoiser(net, guide, guidance, interval):
+    """denoise(x, σ): the guided D written out plainly, one call per model."""
     def denoise(x, sigma):
         sigma_vec = torch.full((x.shape[0],), sigma, dtype=x.dtype)
         d_main = net(x, sigma_vec, None)
@@ -28,7 +25,14 @@ def expected_run(net, guide, noise, t_steps, *, guidance=1.0, interval=None, sol
             return d_main
         d_guide = guide(x, sigma_vec, None)
         return d_guide + guidance * (d_main - d_guide)
+    return denoise
 
+
+def expected_run(net, guide, noise, t_steps, *, guidance=1.0, interval=None, solver="heun",
+                 S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, draws=None):
+    """The sampler written out from the formulas, in float64, with one plain call per model."""
+    num_steps = len(t_steps) - 1
+    denoise = guided_denoiser(net, guide, guidance, interval)
     x = noise.double() * t_steps[0]
     draws = iter(draws or [])
     for i in range(num_steps):

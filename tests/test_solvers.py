@@ -10,23 +10,12 @@ import fastguide
 from fastguide import core, dispatch, plan
 from fastguide.k_diffusion import sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun
 from tests.gaussian import GaussianDenoiser
-from tests.test_sampler import edm_schedule, fixed_draws, nonlinear_net, replay, weak_net
+from tests.test_sampler import edm_schedule, fixed_draws, guided_denoiser, nonlinear_net, replay, weak_net
 
 SOLVERS = fastguide.sampler.SOLVERS
 K_SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m,
               "euler_ancestral": sample_euler_ancestral}
 BACKENDS = [name for name in ("reference", "cpp", "triton") if dispatch.backends()[name]["available"]]
-
-
-def guided(net, guide, guidance, interval):
-    def denoise(x, sigma):
-        sigma_vec = torch.full((x.shape[0],), sigma, dtype=x.dtype)
-        d_main = net(x, sigma_vec, None)
-        if guidance == 1 or (interval is not None and not interval[0] < sigma <= interval[1]):
-            return d_main
-        d_guide = guide(x, sigma_vec, None)
-        return d_guide + guidance * (d_main - d_guide)
-    return denoise
 
 
 def dpmpp_2m_run(denoise, x, sigmas):
@@ -80,7 +69,7 @@ def run_case(solver, case, backend, dtype=torch.float64, eta=1.0, s_noise=1.0):
                            guidance=guidance, guidance_interval=interval, solver=solver, dtype=dtype,
                            sigmas=torch.tensor(t_steps, dtype=torch.float64), randn_like=replay(draws),
                            eta=eta, S_noise=s_noise, backend=backend)
-    denoise = guided(nonlinear_net, weak_net, guidance, interval)
+    denoise = guided_denoiser(nonlinear_net, weak_net, guidance, interval)
     if solver == "dpmpp_2m":
         expected = dpmpp_2m_run(denoise, noise * t_steps[0], t_steps)
     else:
