@@ -89,8 +89,6 @@ class GuidedDenoiser(nn.Module):
             raise ValueError(f"guidance={self.guidance} needs a guide or guide_labels (CFG); got neither")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}")
-        if guide_labels is not None:
-            conditioning.check("guide_labels", guide_labels, _batch_of(guide_labels))
         self.guidance_interval = check_interval(guidance_interval)
         self.check_finite = check_finite
         self.evaluator = Evaluator(net, guide, guide_labels, batching.check_strategy(strategy), compile,
@@ -146,7 +144,3 @@ class GuidedDenoiser(nn.Module):
             combine = self.evaluator._compiled_fn("combine", reference.guide, x.device)
         return combine(d_main, d_guide, self.guidance)
 
-
-def _batch_of(cond):
-    first = next(iter(cond.values())) if isinstance(cond, dict) and cond else cond
-    return first.shape[0] if isinstance(first, torch.Tensor) and first.ndim > 0 else -1
