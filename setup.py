@@ -1,7 +1,9 @@
-"""Builds fastguide and its extension fastguide._C.
+"""Builds fastguide and its extensions fastguide._C and fastguide.toy._C.
 
-CPU kernels: every csrc/*.cpp.  CUDA kernels: csrc/cuda/*.cu (torch-free) plus their
+fastguide._C: CPU kernels every csrc/*.cpp; CUDA kernels csrc/cuda/*.cu (torch-free) plus their
 bindings csrc/cuda/*.cpp, built only when the installed torch has CUDA and nvcc is found.
+fastguide.toy._C: the toy experiment's CPU kernels, fastguide/toy/csrc/*.cpp (they include the
+shared per-element math of csrc/guided_math.h).
 Install with `pip install --no-build-isolation -e .` (setup.py imports torch).
 """
 import glob
@@ -36,7 +38,10 @@ def _extensions():
         ext = CppExtension(
             "fastguide._C", cpu_sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension}
+    toy_ext = CppExtension(
+        "fastguide.toy._C", sorted(glob.glob("fastguide/toy/csrc/*.cpp")), include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+    return [ext, toy_ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _extensions()

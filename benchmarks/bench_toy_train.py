@@ -3,7 +3,7 @@
 Prints markdown tables (best of several rounds, the variants taking turns in each round so that
 all see the same load; ratio = naive time / time, > 1 is faster):
   1. the ground-truth score of one training batch (4096 points × 1016 components):
-     naive PyTorch (the same closed-form 2×2 math as [N, K] tensors, float32) vs fastguide::mixture_score;
+     naive PyTorch (the same closed-form 2×2 math as [N, K] tensors, float32) vs fastguide_toy::mixture_score;
   2. one training step of the main model (hidden 64, batch 4096) without the score: autograd
      double backward vs the hand-written gradients of fastguide.toy.train.loss_and_grads;
   3. one whole iteration (batch sampling + ground-truth score + step + EMA), naive vs fastguide,
@@ -79,7 +79,7 @@ def main():
     generator = torch.Generator().manual_seed(0)
     x, sigma, target = T.sample_batch(mixture, BATCH, generator)
     times = best_times({"naive PyTorch (float32)": lambda: naive_score(mixture, x, sigma),
-                        "fastguide::mixture_score": lambda: mixture.score(x, sigma)}, rounds, repeats)
+                        "fastguide_toy::mixture_score": lambda: mixture.score(x, sigma)}, rounds, repeats)
     table("Ground-truth score, 4096 points × 1016 components", times, "naive PyTorch (float32)")
 
     torch.manual_seed(0)

@@ -158,7 +158,7 @@ def test_triton_matches_reference(models, generator, config):
 @requires_interpreter
 def test_triton_several_programs_and_masked_tail(models, generator):
     """block=16 over 37 points: three programs, the last one masked; a guide of another depth."""
-    from tritonkernels import toy_sampler
+    from fastguide.toy import triton_sampler as toy_sampler
     noise = torch.randn(37, 2, generator=generator)
     main, guide = models[0], random_model(16, seed=8, num_layers=2, gain=0.2)
     table = step_table([8.0, 1.0, 0.1, 0.0], 3.0, None, "heun")
@@ -174,7 +174,7 @@ def test_triton_several_programs_and_masked_tail(models, generator):
 COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
-    from tritonkernels import toy_sampler
+    from fastguide.toy import triton_sampler as toy_sampler
     kernel = toy_sampler._toy_sampler_kernel
     constexprs = {"HM": 64, "HG": 32, "LM": 4, "LG": 4, "SLOPES": 3 * 64 * 64, "BLOCK": 64,
                   "PRECISION": toy_sampler.DOT_PRECISION}
@@ -251,8 +251,8 @@ def test_reference_backend_is_fastguide_sample(models, generator):
 
 
 def test_cpp_op_refuses_bad_arguments():
-    """The op checks its own arguments too (it is public as torch.ops.fastguide.toy_sample)."""
-    op = torch.ops.fastguide.toy_sample
+    """The op checks its own arguments too (it is public as torch.ops.fastguide_toy.sample)."""
+    op = torch.ops.fastguide_toy.sample
     x, steps = torch.zeros(3, 2), torch.ones(1, 5, dtype=torch.float64)
     w0, w = torch.ones(16, 4), torch.ones(16, 16)
     with pytest.raises(RuntimeError, match=r"x must be a CPU float32 tensor of shape \[N, 2\]"):

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from fastguide import dispatch
+from fastguide.toy.extension import has_cpu_kernel
 from fastguide.toy import mixture as mixture_module
 from fastguide.toy.mixture import score_and_logp_reference, tree_mixture
 
-HAS_KERNEL = dispatch.load_extension("fastguide._C")[0] and dispatch.has_kernel("fastguide::mixture_score", "CPU")
-requires_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="fastguide._C with mixture_score is not built")
+HAS_KERNEL = has_cpu_kernel("mixture_score")
+requires_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="fastguide.toy._C with mixture_score is not built")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_kernel_matches_float64_reference(generator, dtype, n):
     sigma = random_sigmas(n, generator, dtype)
     sigma[0] = 1e-3 if n > 1 else sigma[0]
     params = [t.to(dtype) for t in (mix.means, mix.covs, torch.log(mix.weights))]
-    score, logp = torch.ops.fastguide.mixture_score(x.contiguous(), sigma, *params)
+    score, logp = torch.ops.fastguide_toy.mixture_score(x.contiguous(), sigma, *params)
     ref_score, ref_logp = score_and_logp_reference(x, sigma, mix.means, mix.covs, torch.log(mix.weights))
     assert score.dtype == logp.dtype == dtype and bool(torch.isfinite(score).all())
     # The score of a mixture at small σ is (Σ+σ²I)⁻¹(x−μ): large, so compare relative to its size.
@@ -186,7 +186,7 @@ def test_kernel_handles_component_count_not_multiple_of_vector(generator):
     means, covs, log_w = mix.means[:keep], mix.covs[:keep], torch.log(mix.weights[:keep])
     x = random_points(9, generator)
     sigma = random_sigmas(9, generator)
-    score, logp = torch.ops.fastguide.mixture_score(x, sigma, means, covs, log_w)
+    score, logp = torch.ops.fastguide_toy.mixture_score(x, sigma, means, covs, log_w)
     ref_score, ref_logp = score_and_logp_reference(x, sigma, means, covs, log_w)
     torch.testing.assert_close(score, ref_score, rtol=1e-10, atol=1e-10 * float(ref_score.abs().max()))
     torch.testing.assert_close(logp, ref_logp, rtol=1e-12, atol=1e-10)
@@ -197,11 +197,11 @@ def test_kernel_rejects_bad_input():
     mix = tree_mixture("A")
     params = (mix.means, mix.covs, torch.log(mix.weights))
     with pytest.raises(RuntimeError, match="x must"):
-        torch.ops.fastguide.mixture_score(torch.zeros(3, 3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), *params)
+        torch.ops.fastguide_toy.mixture_score(torch.zeros(3, 3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), *params)
     with pytest.raises(RuntimeError, match="sigma must"):
-        torch.ops.fastguide.mixture_score(torch.zeros(3, 2, dtype=torch.float64), torch.ones(4, dtype=torch.float64), *params)
+        torch.ops.fastguide_toy.mixture_score(torch.zeros(3, 2, dtype=torch.float64), torch.ones(4, dtype=torch.float64), *params)
     with pytest.raises(RuntimeError, match="covs must"):
-        torch.ops.fastguide.mixture_score(torch.zeros(3, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+        torch.ops.fastguide_toy.mixture_score(torch.zeros(3, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
                                           mix.means, mix.covs[:5], params[2])
 
 

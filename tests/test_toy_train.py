@@ -9,6 +9,7 @@ import torch
 from fastguide.toy import load_model
 from fastguide.toy import cli as toy_cli
 from fastguide.toy import train as T
+from fastguide.toy.extension import has_cpu_kernel
 from fastguide.toy.mixture import tree_mixture
 from fastguide.toy.model import SHIPPED, ToyModel, load_file, normalized_rows
 
@@ -38,16 +39,16 @@ def test_hand_written_gradients_match_autograd(generator, hidden, num_layers, n)
     torch.testing.assert_close(grad_gain, expected[-1], rtol=1e-10, atol=1e-14)
 
 
-HAS_SILU_KERNEL = T._has_silu_kernel()
+HAS_SILU_KERNEL = has_cpu_kernel("silu_derivatives")
 
 
-@pytest.mark.skipif(not HAS_SILU_KERNEL, reason="fastguide._C with toy_silu_derivatives is not built")
+@pytest.mark.skipif(not HAS_SILU_KERNEL, reason="fastguide.toy._C with silu_derivatives is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1,), (37, 5), (300, 16)])
 def test_silu_derivatives_kernel_matches_float64(generator, dtype, shape):
     z_big = torch.randn(*shape[:-1], 2 * shape[-1], generator=generator, dtype=torch.float64) * 4
     z = z_big[..., ::2].to(dtype)                                   # non-contiguous view
-    got = torch.ops.fastguide.toy_silu_derivatives(z)
+    got = torch.ops.fastguide_toy.silu_derivatives(z)
     want = T.silu_derivatives_reference(z.double())
     # φ and φ' are computed in one rounding-friendly form; φ'' has cancellations near its zeros,
     # so its float32 error is bounded relative to max|φ''| (≈ 0.84), not to each value.

@@ -3,24 +3,32 @@
 sample_toy(main, guide, noise, ...) computes what
     fastguide.sample(main, noise, guide=guide, guidance=..., guidance_interval=..., solver=...)
 computes (no churn, float32), but each tile of points runs every step — forward and
-input-gradient of both MLPs, guidance, Euler and Heun update — inside one kernel:
-C++ (csrc/toy_sampler.cpp) on CPU tensors, Triton (tritonkernels/toy_sampler.py) on CUDA.
+input-gradient of both MLPs, guidance, Euler and Heun update — inside one kernel.
+
+The kernels are the toy's own family of fused ops, "toy_sample", registered with
+fastguide.dispatch: "cpp" (fastguide/toy/csrc/sampler.cpp, op fastguide_toy::sample in the
+extension fastguide.toy._C, CPU tensors), "triton" (fastguide/toy/triton_sampler.py, CUDA
+tensors) and "reference" (fastguide.sample itself).  Each backend's module has one entry,
+run(main, guide, noise, t_steps, guidance, guidance_interval, solver).
 For classifier-free guidance on the toy, pass the unconditional ToyModel as the guide.
 """
-import importlib
 import warnings
 
 import torch
 
 from fastguide import dispatch, reference
 from fastguide.guidance import check_guidance, check_interval
-from fastguide.sampler import SOLVERS, sample, schedule
+from fastguide.sampler import schedule
+from fastguide.toy import extension
 from fastguide.toy.model import ToyModel
 
-dispatch.register_family("toy_sample", modules={"reference": "fastguide.toy.fused", "cpp": "fastguide.toy.fused",
-                                               "triton": "tritonkernels.toy_sampler"},
-                         extension="fastguide._C", ops=("fastguide::toy_sample",))
-BACKENDS = ("auto",) + dispatch.FAMILIES["toy_sample"].names
+FAMILY = "toy_sample"
+dispatch.register_family(FAMILY, modules={"reference": "fastguide.toy.reference_sampler",
+                                          "cpp": "fastguide.toy.cpp_sampler",
+                                          "triton": "fastguide.toy.triton_sampler"},
+                         extension=extension.MODULE, ops=(f"{extension.NAMESPACE}::sample",))
+BACKENDS = ("auto",) + dispatch.FAMILIES[FAMILY].names
+SOLVERS = ("euler", "heun")  # what the fused kernels run
 COLUMN_BLOCK = 16          # the C++ kernel's register block: hidden must be a multiple of it
 TRITON_MIN_HIDDEN = 16     # tl.dot needs >= 16 along every dimension
 
@@ -28,12 +36,12 @@ TRITON_MIN_HIDDEN = 16     # tl.dot needs >= 16 along every dimension
 def sample_toy(main, guide, noise, *, guidance=1.0, guidance_interval=None, num_steps=32, sigma_min=0.002,
                sigma_max=80.0, rho=7.0, sigmas=None, solver="heun", backend="auto"):
     """Samples [N, 2] float32 points from noise [N, 2] (any floating dtype, cast to float32) with
-    the guided EDM sampler on toy models (no churn).
+    the guided EDM sampler on toy models (no churn); the run starts at noise·sigma_max.
 
     D = D_guide + guidance·(D_main − D_guide) where lo < σ ≤ hi for guidance_interval = (lo, hi)
     (everywhere when None); elsewhere, and when guidance == 1, D = D_main and the guide is not run.
-    backend: "auto" (cpp on CPU, triton on CUDA), "cpp", "triton" (CUDA, or CPU under
-    TRITON_INTERPRET=1) or "reference" (fastguide.sample with the reference ops).
+    solver: "euler" or "heun".  backend: "auto" (cpp on CPU, triton on CUDA), "cpp", "triton"
+    (CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (fastguide.sample with the reference ops).
     """
     guidance = check_guidance(guidance)
     guidance_interval = check_interval(guidance_interval)
@@ -43,16 +51,17 @@ def sample_toy(main, guide, noise, *, guidance=1.0, guidance_interval=None, num_
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     t_steps = schedule(num_steps, sigma_min, sigma_max, rho, sigmas)
     backend = _resolve(backend, noise.device, main, guide if guidance != 1 else None)
-    if backend == "reference":
-        return sample(main, noise, guide=guide, guidance=guidance, guidance_interval=guidance_interval,
-                      sigmas=torch.tensor(t_steps, dtype=torch.float64), solver=solver, backend="reference")
+    return dispatch.implementation(backend, FAMILY).run(main, guide, noise, t_steps, guidance, guidance_interval,
+                                                        solver)
+
+
+def kernel_arguments(main, guide, noise, t_steps, guidance, guidance_interval, solver):
+    """The fused kernels' arguments: (x = noise·t_0 in float32, main's weights, gain, sigma_data,
+    the guide's (empty when no step is guided), the step table, guidance)."""
     steps = step_table(t_steps, guidance, guidance_interval, solver)
     guided = bool(steps[:, 2:4].any())
     x = noise.to(torch.float32) * t_steps[0]
-    args = (x, *_model_args(main, x.device), *_model_args(guide if guided else None, x.device), steps, guidance)
-    if backend == "cpp":
-        return torch.ops.fastguide.toy_sample(*args)
-    return _triton_module().toy_sample(*args)
+    return (x, *_model_args(main, x.device), *_model_args(guide if guided else None, x.device), steps, guidance)
 
 
 def step_table(t_steps, guidance, guidance_interval, solver):
@@ -112,23 +121,19 @@ def _kernel_support(backend, models):
 def _resolve(backend, device, main, guide):
     """The backend that runs (chosen by fastguide.dispatch); one that cannot run these models is an
     error when requested, and makes "auto" fall back to the reference sampler with a warning."""
-    dispatch.check_name(backend, family="toy_sample")
+    dispatch.check_name(backend, family=FAMILY)
     if backend == "auto":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            chosen = dispatch.resolve(backend, device, "toy_sample")
+            chosen = dispatch.resolve(backend, device, FAMILY)
         reason = "; ".join(str(w.message) for w in caught) if chosen == "reference" else \
             _kernel_support(chosen, {"main": main, "guide": guide})
         if reason:
             warnings.warn(f"sample_toy: using the reference sampler ({reason})", RuntimeWarning, stacklevel=3)
             return "reference"
         return chosen
-    chosen = dispatch.resolve(backend, device, "toy_sample")
+    chosen = dispatch.resolve(backend, device, FAMILY)
     reason = _kernel_support(chosen, {"main": main, "guide": guide})
     if reason:
         raise ValueError(f"backend {backend!r} cannot run: {reason}")
     return chosen
-
-
-def _triton_module():
-    return importlib.import_module("tritonkernels.toy_sampler")

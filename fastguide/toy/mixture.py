@@ -4,7 +4,7 @@ paper's published parameters, with its exact noised log-density, score, denoiser
 
 Noising a mixture by N(0, σ²I) keeps it a mixture: component k becomes N(μ_k, Σ_k + σ²I).
 The score is the responsibility-weighted sum of the component scores −(Σ_k + σ²I)⁻¹(x − μ_k);
-it runs in the fused kernel fastguide::mixture_score when fastguide._C is built, else in PyTorch.
+it runs in the fused kernel fastguide_toy::mixture_score when fastguide.toy._C is built, else in PyTorch.
 """
 import math
 import numbers
@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 import torch
 
-from fastguide import dispatch
+from fastguide.toy.extension import has_cpu_kernel
 
 SIGMA_DATA = 0.5
 DEPTH = 7                      # levels 0..6: 127 branches per class
@@ -88,8 +88,7 @@ def _check_points(x):
 
 
 def _use_kernel(x):
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) \
-        and dispatch.load_extension("fastguide._C")[0] and dispatch.has_kernel("fastguide::mixture_score", "CPU")
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and has_cpu_kernel("mixture_score")
 
 
 def score_and_logp_reference(x, sigma, means, covs, log_weights, dtype=torch.float64):
@@ -133,7 +132,7 @@ class GaussianMixture:
         sigma = _sigma_vector(sigma, x)
         if _use_kernel(x):
             params = [t.to(x.dtype) for t in (self.means, self.covs, self._log_weights)]
-            return torch.ops.fastguide.mixture_score(x.contiguous(), sigma, *params)
+            return torch.ops.fastguide_toy.mixture_score(x.contiguous(), sigma, *params)
         score, logp = score_and_logp_reference(x, sigma, self.means, self.covs, self._log_weights)
         return score.to(x.dtype), logp.to(x.dtype)
 

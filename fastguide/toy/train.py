@@ -3,7 +3,7 @@
 Loss E‖σ·(score_model(x; σ) − score_true(x; σ))‖², x = y + σ·n, y drawn exactly from the mixture,
 ln σ ~ N(−2.3, 1.5²); Adam(0.9, 0.99) with lr 1e-2/√max(t/512, 1); forced weight normalisation
 after each step; the returned model is the power-function EMA (EDM2) of the trained one.
-The ground-truth score (4096 points × 1016 components per step) runs in fastguide::mixture_score.
+The ground-truth score (4096 points × 1016 components per step) runs in fastguide_toy::mixture_score.
 """
 import copy
 import math
@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from fastguide import dispatch
+from fastguide.toy.extension import has_cpu_kernel
 from fastguide.toy.mixture import tree_mixture
 from fastguide.toy.model import SILU_SCALE, ToyModel, normalized_rows
 
@@ -70,14 +70,10 @@ def score_matching_loss(model, x, sigma, target):
     return (sigma[:, None] * (score - target)).square().sum(dim=1).mean()
 
 
-def _has_silu_kernel():
-    return dispatch.load_extension("fastguide._C")[0] and dispatch.has_kernel("fastguide::toy_silu_derivatives", "CPU")
-
-
 def silu_derivatives(z):
-    """φ(z), φ'(z), φ''(z) for φ = silu/0.596 (one fused pass on CPU when fastguide._C is built)."""
-    if z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64) and _has_silu_kernel():
-        return torch.ops.fastguide.toy_silu_derivatives(z)
+    """φ(z), φ'(z), φ''(z) for φ = silu/0.596 (one fused pass on CPU when fastguide.toy._C is built)."""
+    if z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64) and has_cpu_kernel("silu_derivatives"):
+        return torch.ops.fastguide_toy.silu_derivatives(z)
     return silu_derivatives_reference(z)
 
 

@@ -1,13 +1,16 @@
-"""The fused toy sampler in Triton: one program per BLOCK points runs every step of the guided
-Euler/Heun run — forward and input-gradient of both toy MLPs, guidance and the solver update —
-with the tile's activations in registers (silu' of the hidden layers in a per-program scratch).  Same math and arguments as the
-C++ op fastguide::toy_sample (csrc/toy_sampler.cpp); CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1.
+"""The fused toy sampler in Triton (the "triton" backend of the toy_sample family): one program
+per BLOCK points runs every step of the guided Euler/Heun run — forward and input-gradient of
+both toy MLPs, guidance and the solver update — with the tile's activations in registers (silu'
+of the hidden layers in a per-program scratch).  Same math and arguments as the C++ op
+fastguide_toy::sample (fastguide/toy/csrc/sampler.cpp); the guidance combination is the shared
+jit helper of tritonkernels._common.  CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from tritonkernels._common import guided_denoised
 
 # tl.dot needs >= 16 rows; on a GPU 64 points per program keep a [64×64] tile at 32 registers
 # per thread (4 warps).
@@ -98,8 +101,8 @@ def _guided_denoise(x0, x1, sigma, guided, guidance, main_ptr, main_gain, main_s
     if guided != 0:
         g0, g1 = _denoise(x0, x1, sigma, guide_ptr, guide_gain, guide_sigma_data, slopes_ptr, HG, LG, BLOCK,
                           PRECISION)
-        d0 = g0 + guidance * (d0 - g0)
-        d1 = g1 + guidance * (d1 - g1)
+        d0 = guided_denoised(d0, g0, guidance)
+        d1 = guided_denoised(d1, g1, guidance)
     return d0, d1
 
 
@@ -149,7 +152,7 @@ def _check_model(name, weights):
 
 def toy_sample(x, main_weights, main_gain, main_sigma_data, guide_weights, guide_gain, guide_sigma_data, schedule,
                guidance, *, block=BLOCK, precision=DOT_PRECISION):
-    """Same arguments as torch.ops.fastguide.toy_sample: x [N, 2] float32 (noise·t_0), the models'
+    """Same arguments as torch.ops.fastguide_toy.sample: x [N, 2] float32 (noise·t_0), the models'
     effective weights, gains and sigma_data (guide_weights empty when no step is guided), schedule
     [steps, 5] rows (t_hat, t_next, guided_euler, guided_heun, heun).  Returns the sampled x."""
     if x.dtype != torch.float32 or x.ndim != 2 or x.shape[1] != 2:
@@ -175,3 +178,9 @@ def toy_sample(x, main_weights, main_gain, main_sigma_data, guide_weights, guide
         LM=layers_main, LG=layers_guide, SLOPES=slopes_per_program, BLOCK=block, PRECISION=precision,
         num_warps=NUM_WARPS)
     return out
+
+
+def run(main, guide, noise, t_steps, guidance, guidance_interval, solver):
+    """The toy_sample family's entry (see fastguide.toy.fused.sample_toy)."""
+    from fastguide.toy.fused import kernel_arguments
+    return toy_sample(*kernel_arguments(main, guide, noise, t_steps, guidance, guidance_interval, solver))

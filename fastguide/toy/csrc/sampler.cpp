@@ -16,6 +16,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "guided_math.h"
+
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -230,32 +232,26 @@ void guided_denoise(const Model& main, const Model* guide, Scratch& s_main, Scra
   denoise_tile(main, s_main, x, sigma, d_main);
   if (!guided) return;
   denoise_tile(*guide, *s_guide, x, sigma, d_guide);
-  for (int i = 0; i < 2 * kTile; ++i) d_main[i] = d_guide[i] + guidance * (d_main[i] - d_guide[i]);
+  for (int i = 0; i < 2 * kTile; ++i) d_main[i] = fastguide::guided_denoised(d_main[i], d_guide[i], guidance);
 }
 
-// The whole sampler run for one tile; x is updated in place.
+// The whole sampler run for one tile; x is updated in place.  The Euler step and the Heun
+// correction are guided_math.h's, as in the fused guidance ops.
 void run_tile(const Model& main, const Model* guide, const std::vector<Step>& steps, float guidance,
               Scratch& s_main, Scratch* s_guide, float* x) {
   float denoised[2 * kTile], d_guide[2 * kTile], deriv[2 * kTile], x_euler[2 * kTile];
   for (const Step& st : steps) {
-    const float h = (float)(st.t_next - st.t_hat);
     guided_denoise(main, guide, s_main, s_guide, x, st.t_hat, st.guided_euler, guidance, denoised, d_guide);
-    const float inv_t_hat = (float)(1.0 / st.t_hat);
-    for (int i = 0; i < 2 * kTile; ++i) {
-      deriv[i] = (x[i] - denoised[i]) * inv_t_hat;
-      x_euler[i] = x[i] + h * deriv[i];
-    }
+    const auto euler = fastguide::euler_scalars<float>(guidance, st.t_hat, st.t_next);
+    for (int i = 0; i < 2 * kTile; ++i) fastguide::euler_update(x[i], denoised[i], euler, x_euler[i], deriv[i]);
     if (!st.heun) {
       std::copy(x_euler, x_euler + 2 * kTile, x);
       continue;
     }
     guided_denoise(main, guide, s_main, s_guide, x_euler, st.t_next, st.guided_heun, guidance, denoised,
                    d_guide);
-    const float inv_t_next = (float)(1.0 / st.t_next);
-    for (int i = 0; i < 2 * kTile; ++i) {
-      const float deriv_next = (x_euler[i] - denoised[i]) * inv_t_next;
-      x[i] = x[i] + h * (0.5f * deriv[i] + 0.5f * deriv_next);
-    }
+    const auto heun = fastguide::heun_scalars<float>(guidance, st.t_hat, st.t_next);
+    for (int i = 0; i < 2 * kTile; ++i) x[i] = fastguide::heun_update(x[i], deriv[i], denoised[i], heun);
   }
 }
 
@@ -300,8 +296,8 @@ at::Tensor toy_sample(const at::Tensor& x, at::TensorList main_weights, double m
                       at::TensorList guide_weights, double guide_gain, double guide_sigma_data,
                       const at::Tensor& schedule, double guidance) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == 2,
-              "toy_sample: x must be a CPU float32 tensor of shape [N, 2], got ", x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(schedule.dim() == 2 && schedule.size(1) == 5, "toy_sample: schedule must be [steps, 5], got ",
+              "fastguide_toy::sample: x must be a CPU float32 tensor of shape [N, 2], got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(schedule.dim() == 2 && schedule.size(1) == 5, "fastguide_toy::sample: schedule must be [steps, 5], got ",
               schedule.sizes());
   at::Tensor sched = schedule.to(at::kDouble).contiguous();
   std::vector<Step> steps;
@@ -309,12 +305,12 @@ at::Tensor toy_sample(const at::Tensor& x, at::TensorList main_weights, double m
   bool any_guided = false;
   for (int64_t i = 0; i < sched.size(0); ++i, row += 5) {
     steps.push_back({row[0], row[1], row[2] != 0, row[3] != 0, row[4] != 0});
-    TORCH_CHECK(row[0] > 0 && (!steps.back().heun || row[1] > 0), "toy_sample: step ", i,
+    TORCH_CHECK(row[0] > 0 && (!steps.back().heun || row[1] > 0), "fastguide_toy::sample: step ", i,
                 " needs positive noise levels");
     any_guided = any_guided || steps.back().guided_euler || (steps.back().heun && steps.back().guided_heun);
   }
   const Model main = prepare_model(main_weights.vec(), main_gain, main_sigma_data, "main");
-  TORCH_CHECK(!any_guided || !guide_weights.empty(), "toy_sample: guided steps need guide weights");
+  TORCH_CHECK(!any_guided || !guide_weights.empty(), "fastguide_toy::sample: guided steps need guide weights");
   Model guide_model;
   if (!guide_weights.empty()) guide_model = prepare_model(guide_weights.vec(), guide_gain, guide_sigma_data, "guide");
   const Model* guide = guide_weights.empty() ? nullptr : &guide_model;
@@ -341,9 +337,9 @@ at::Tensor toy_sample(const at::Tensor& x, at::TensorList main_weights, double m
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastguide, m) {
-  m.def("toy_sample(Tensor x, Tensor[] main_weights, float main_gain, float main_sigma_data, "
+TORCH_LIBRARY_FRAGMENT(fastguide_toy, m) {
+  m.def("sample(Tensor x, Tensor[] main_weights, float main_gain, float main_sigma_data, "
         "Tensor[] guide_weights, float guide_gain, float guide_sigma_data, Tensor schedule, float guidance) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastguide, CPU, m) { m.impl("toy_sample", &toy_sample); }
+TORCH_LIBRARY_IMPL(fastguide_toy, CPU, m) { m.impl("sample", &toy_sample); }

@@ -1,4 +1,4 @@
-// fastguide::mixture_score: the exact score and log-density of a 2D Gaussian mixture noised to σ
+// fastguide_toy::mixture_score: the exact score and log-density of a 2D Gaussian mixture noised to σ
 // (component k becomes N(μ_k, Σ_k + σ²I)), σ per point — the ground truth of the toy experiment.
 //
 // Per point x and component k, with A_k = Σ_k + σ²I = [[a, b], [b, d]], det = ad − b², r = x − μ_k:
@@ -179,13 +179,13 @@ std::tuple<at::Tensor, at::Tensor> mixture_score_cpu(const at::Tensor& x_in, con
 
 // The toy model's activation φ = silu/0.596 and its first two derivatives in one pass (training):
 //   φ = z·s/c,  φ' = s·(1 + z·(1 − s))/c,  φ'' = s·(1 − s)·(2 + z·(1 − 2s))/c,  s = sigmoid(z).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> toy_silu_derivatives_cpu(const at::Tensor& z_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_derivatives_cpu(const at::Tensor& z_in) {
   TORCH_CHECK(z_in.scalar_type() == at::kFloat || z_in.scalar_type() == at::kDouble,
-              "toy_silu_derivatives: z must be float32 or float64, got ", z_in.scalar_type());
-  TORCH_CHECK(z_in.device().is_cpu(), "toy_silu_derivatives: z must be a CPU tensor, got ", z_in.device());
+              "silu_derivatives: z must be float32 or float64, got ", z_in.scalar_type());
+  TORCH_CHECK(z_in.device().is_cpu(), "silu_derivatives: z must be a CPU tensor, got ", z_in.device());
   const at::Tensor z = z_in.contiguous();
   at::Tensor phi = at::empty_like(z), d_phi = at::empty_like(z), dd_phi = at::empty_like(z);
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "toy_silu_derivatives", [&] {
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "silu_derivatives", [&] {
     using Vec = at::vec::Vectorized<scalar_t>;
     const scalar_t* zp = z.data_ptr<scalar_t>();
     scalar_t *p0 = phi.data_ptr<scalar_t>(), *p1 = d_phi.data_ptr<scalar_t>(), *p2 = dd_phi.data_ptr<scalar_t>();
@@ -215,12 +215,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> toy_silu_derivatives_cpu(const at
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastguide, m) {
+TORCH_LIBRARY_FRAGMENT(fastguide_toy, m) {
   m.def("mixture_score(Tensor x, Tensor sigma, Tensor means, Tensor covs, Tensor log_weights) -> (Tensor, Tensor)");
-  m.def("toy_silu_derivatives(Tensor z) -> (Tensor, Tensor, Tensor)");
+  m.def("silu_derivatives(Tensor z) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastguide, CPU, m) {
+TORCH_LIBRARY_IMPL(fastguide_toy, CPU, m) {
   m.impl("mixture_score", &mixture_score_cpu);
-  m.impl("toy_silu_derivatives", &toy_silu_derivatives_cpu);
+  m.impl("silu_derivatives", &silu_derivatives_cpu);
 }
