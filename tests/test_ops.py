@@ -38,20 +38,20 @@ DPM_COEFS = reference.dpmpp_2m_coefficients(4.0, T_CUR, T_NEXT)  # (x_coef, d_co
 OPS = ("euler", "ancestral", "heun", "dpmpp_2m")
 
 
-def backend_cases(with_reference=True):
+CUDA_SKIP = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
+
+
+def backend_cases():
     """(backend, device): the CPU backends always; triton on CUDA when there is a GPU."""
-    cuda_skip = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
-    return ([pytest.param("reference", "cpu", id="reference")] if with_reference else []) + [
-        pytest.param("cpp", "cpu", id="cpp"),
-        pytest.param("triton", "cuda" if HAS_CUDA else "cpu", id="triton"),
-        pytest.param("cuda", "cuda", id="cuda", marks=cuda_skip)]
+    return [pytest.param("reference", "cpu", id="reference"),
+            pytest.param("cpp", "cpu", id="cpp"),
+            pytest.param("triton", "cuda" if HAS_CUDA else "cpu", id="triton"),
+            pytest.param("cuda", "cuda", id="cuda", marks=CUDA_SKIP)]
 
 
 BACKENDS = backend_cases()
 # The compiled C++/CUDA kernels, whose float32 math is pinned bit for bit.
-NATIVE_BACKENDS = [pytest.param("cpp", "cpu", id="cpp"),
-                   pytest.param("cuda", "cuda", id="cuda",
-                                marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)"))]
+NATIVE_BACKENDS = [pytest.param("cpp", "cpu", id="cpp"), pytest.param("cuda", "cuda", id="cuda", marks=CUDA_SKIP)]
 
 
 # ---- float64 statement of the math ----
@@ -72,7 +72,8 @@ def euler64(x, d_main, d_guide, guidance, t_cur, t_next, noise=None, noise_scale
     step = t_next - t_cur
     x_next, x_next_size = x64 + step * deriv, x64.abs() + abs(step) * deriv_size
     if noise is not None:
-        x_next, x_next_size = x_next + noise_scale * noise.double(), x_next_size + abs(noise_scale) * noise.double().abs()
+        noise64 = noise.double()
+        x_next, x_next_size = x_next + noise_scale * noise64, x_next_size + abs(noise_scale) * noise64.abs()
     return (x_next, x_next_size), (deriv, deriv_size)
 
 
