@@ -52,7 +52,7 @@ def load_predictions(main_ptr, guide_ptr, offsets, mask, guidance_hi, guidance_l
     return d_main, d_guide, denoised
 
 
-INF: tl.constexpr = float("inf")
+INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
