@@ -163,8 +163,8 @@ class DiffusersDenoiser(nn.Module):
         self.label_dim = (_config_int(model_config, "num_class_embeds")
                           or _config_int(model_config, "num_embeds_ada_norm") or 0)
         self._embeds_classes = _has_class_lookup(model)
-        self._forward = _forward_parameters(model)
-        self._passes_return_dict = "return_dict" in self._forward
+        self._accepted = _accepted_kwargs(model)
+        self._passes_return_dict = "return_dict" in _forward_parameters(model)
 
     def timestep(self, sigma):
         """The model's timestep for each σ in sigma [B] (float64)."""
@@ -193,7 +193,7 @@ class DiffusersDenoiser(nn.Module):
             raise ValueError(f"labels were given but {type(self.model).__name__} takes neither class_labels "
                              f"nor encoder_hidden_states; pass cond_kwarg or a dict of keyword arguments")
         cond = _merge_conditioning(labels, cond, self.cond_kwarg)
-        kwargs = _route_conditioning(self._forward, self.model, cond, UNET_RESERVED, grouped="added_cond_kwargs")
+        kwargs = _route_conditioning(self._accepted, self.model, cond, UNET_RESERVED, grouped="added_cond_kwargs")
         for key in ("class_labels", "encoder_hidden_states"):
             if key in kwargs:
                 kwargs[key] = self._model_labels(key, kwargs[key])
@@ -247,11 +247,18 @@ def _merge_conditioning(labels, cond, tensor_kwarg):
     return dict(cond)
 
 
-def _route_conditioning(parameters, model, cond, reserved, grouped=None):
+def _accepted_kwargs(model):
+    """The names the model's forward takes, or None when it takes any (**kwargs) or cannot be inspected."""
+    parameters = _forward_parameters(model)
+    if not parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return frozenset(parameters)
+
+
+def _route_conditioning(accepted, model, cond, reserved, grouped=None):
     """cond's entries as the model's keyword arguments: by name, or gathered into the dict argument `grouped`
     when the forward does not take the name but takes `grouped`.  A reserved name (set by the adapter) or a
-    name the model cannot take is refused, naming the key."""
-    open_ended = not parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    name the model cannot take (accepted: _accepted_kwargs) is refused, naming the key."""
     kwargs, group = {}, {}
     for key, value in cond.items():
         if key in reserved:
@@ -259,9 +266,9 @@ def _route_conditioning(parameters, model, cond, reserved, grouped=None):
                              f"(reserved: {', '.join(reserved)})")
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"conditioning key {key!r} must be a tensor, got {type(value).__name__}")
-        if key in parameters or open_ended:
+        if accepted is None or key in accepted:
             kwargs[key] = value
-        elif grouped is not None and grouped in parameters:
+        elif grouped is not None and grouped in accepted:
             group[key] = value
         else:
             raise ValueError(f"conditioning key {key!r} is not an argument of {type(model).__name__}.forward")
@@ -366,8 +373,8 @@ class FlowMatchDenoiser(nn.Module):
         self.num_train_timesteps = _flow_config(scheduler)
         self.model = model
         self.layout = detect_flow_layout(model) if layout == "auto" else layout
-        self._forward = _forward_parameters(model)
-        self._passes_return_dict = "return_dict" in self._forward
+        self._accepted = _accepted_kwargs(model)
+        self._passes_return_dict = "return_dict" in _forward_parameters(model)
         self.sigma_min = float(getattr(scheduler, "sigma_min", 1.0 / self.num_train_timesteps))
         self.sigma_max = float(getattr(scheduler, "sigma_max", 1.0))
         model_config = getattr(model, "config", {})
@@ -377,9 +384,8 @@ class FlowMatchDenoiser(nn.Module):
         self.label_dim = 0
 
     def forward(self, x, sigma, labels=None, **cond):
-        kwargs = _route_conditioning(self._forward, self.model, _merge_conditioning(labels, cond,
-                                                                                     "encoder_hidden_states"),
-                                     FLOW_RESERVED)
+        kwargs = _route_conditioning(self._accepted, self.model,
+                                     _merge_conditioning(labels, cond, "encoder_hidden_states"), FLOW_RESERVED)
         kwargs = {key: _to_model_dtype(self.model, value) for key, value in kwargs.items()}
         sigma = torch.as_tensor(sigma, device=x.device).to(x.dtype).reshape(-1).expand(x.shape[0])
         velocity = self.velocity(x, sigma, kwargs).to(x.dtype)

@@ -358,3 +358,19 @@ def test_flow_denoiser_refuses_bad_conditioning():
     with pytest.raises(ValueError, match=r"labels\['pooled_projections'\] has batch"):  # before any model call
         fastguide.sample(sd3, torch.randn(2, 4, 8, 8), labels=dict(cond, pooled_projections=torch.zeros(3, 8)),
                          sigmas=flow_sigmas(scheduler, 2), solver="euler")
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of CPU attention: a fallback, not an error
+@pytest.mark.parametrize("make", [tiny_sd3, tiny_flux])
+def test_stacked_autoguidance_of_same_architecture(make, one_thread):
+    """Two transformers of one architecture (different weights) run as one vmap over stacked parameters:
+    the adapter must survive the strategy's deepcopy and vmap, with dict conditioning."""
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    net, guide = FlowMatchDenoiser(make(seed=0), scheduler), FlowMatchDenoiser(make(seed=1), scheduler)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(22))
+    cond = dict(prompt(2, seed=23), **({"guidance": torch.full((2,), 3.5)} if make is tiny_flux else {}))
+    with torch.no_grad():
+        expected = fastguide.GuidedDenoiser(net, guide, guidance=2.0, strategy="separate").predictions(x, 0.5, cond)
+        actual = fastguide.GuidedDenoiser(net, guide, guidance=2.0, strategy="stacked").predictions(x, 0.5, cond)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
