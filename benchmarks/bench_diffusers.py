@@ -12,9 +12,10 @@ Variants, each on the same noise and conditioning:
   fastguide dpm++   DPM-Solver++(2M) at 16 steps (half the evaluations)
 Prints a markdown table: best-of-rounds seconds per run, wall clock and this process's CPU time (with one
 thread the CPU time is what the run itself costs, less disturbed by other processes on a shared machine;
-the variants take turns in every round, so they see the same load), evaluations per sample (net + guide; a 2B CFG call counts one of each), the time
-relative to diffusers' loop (diffusers / variant: > 1 is faster) and the final x's difference from
-diffusers' (relative max error: the first two variants compute the same thing).
+the variants take turns in every round, so they see the same load), evaluations per sample (net + guide;
+a 2B CFG call counts one of each), the time relative to diffusers' loop (diffusers / variant: > 1 is
+faster) and the final x's difference from diffusers' (relative max error: the first two variants compute
+the same thing).
 
     python benchmarks/bench_diffusers.py                  # both models, 5 rounds, 1 thread
     python benchmarks/bench_diffusers.py --quick          # a smoke run (batch 2, 4 steps, 1 round)

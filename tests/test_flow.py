@@ -374,3 +374,18 @@ def test_stacked_autoguidance_of_same_architecture(make, one_thread):
         actual = fastguide.GuidedDenoiser(net, guide, guidance=2.0, strategy="stacked").predictions(x, 0.5, cond)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_model_dtype_followed_after_conversion():
+    """The adapter caches the model's dtype (diffusers' dtype property is slow) but follows model.double()."""
+    model = tiny_sd3(seed=7)
+    denoiser = FlowMatchDenoiser(model, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.full((2,), 0.5), prompt(2, seed=24)
+    with torch.no_grad():
+        assert denoiser(x, t, cond).dtype == torch.float32
+        model.double()
+        d64 = denoiser(x.double(), t.double(), cond)  # x and the conditioning are cast to float64
+        v = model(hidden_states=x.double(), timestep=t * 1000, return_dict=False,
+                  **{k: c.double() for k, c in cond.items()})[0]
+    assert d64.dtype == torch.float64
+    assert torch.equal(d64, x.double() - 0.5 * v)
