@@ -23,7 +23,7 @@ from fastguide import reference
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 COND_KWARGS = ("class_labels", "encoder_hidden_states")
-UNET_RESERVED = ("sample", "timestep", "return_dict", "added_cond_kwargs")
+UNET_RESERVED = ("sample", "hidden_states", "timestep", "return_dict", "added_cond_kwargs")
 CLASS_LOOKUPS = ("class_embedding", "class_embedder.embedding_table")
 
 
@@ -165,7 +165,7 @@ class DiffusersDenoiser(nn.Module):
         self._embeds_classes = _has_class_lookup(model)
         self._accepted = _accepted_kwargs(model)
         self._passes_return_dict = "return_dict" in _forward_parameters(model)
-        self._model_dtype = ModelDtype(model)
+        self._model_dtype = _ModelDtype(model)
 
     def timestep(self, sigma):
         """The model's timestep for each σ in sigma [B] (float64)."""
@@ -236,7 +236,7 @@ def _cast(value, dtype):
     return value.to(dtype) if value.is_floating_point() else value
 
 
-class ModelDtype:
+class _ModelDtype:
     """model.dtype (or a default when the model has none), looked up again only when the dtype of the model's
     first parameter changes (model.half(), .to(...)): diffusers' dtype property walks every submodule,
     ~0.3 ms a call, which per evaluation is a few per cent of a small transformer's time."""
@@ -392,7 +392,7 @@ class FlowMatchDenoiser(nn.Module):
         self.layout = detect_flow_layout(model) if layout == "auto" else layout
         self._accepted = _accepted_kwargs(model)
         self._passes_return_dict = "return_dict" in _forward_parameters(model)
-        self._model_dtype = ModelDtype(model)
+        self._model_dtype = _ModelDtype(model)
         self.sigma_min = float(getattr(scheduler, "sigma_min", 1.0 / self.num_train_timesteps))
         self.sigma_max = float(getattr(scheduler, "sigma_max", 1.0))
         model_config = getattr(model, "config", {})
