@@ -389,3 +389,33 @@ def test_model_dtype_followed_after_conversion():
                   **{k: c.double() for k, c in cond.items()})[0]
     assert d64.dtype == torch.float64
     assert torch.equal(d64, x.double() - 0.5 * v)
+
+
+class VideoVelocity(torch.nn.Module):
+    """Any module called with hidden_states, timestep and conditioning keyword arguments (here a video latent
+    [B, C, F, H, W] and a masked prompt, as Wan or HunyuanVideo take them), returning a plain tensor."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(8)
+        self.proj = torch.nn.Linear(TEXT_DIM, 4)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask):
+        weights = encoder_attention_mask[:, :, None] / encoder_attention_mask.sum(1)[:, None, None]
+        text = self.proj((weights * encoder_hidden_states).sum(1))                      # [B, C]
+        return hidden_states * torch.cos(timestep / 1000)[:, None, None, None, None] + text[:, :, None, None, None]
+
+
+def test_generic_module_with_video_latents_and_mask():
+    model = VideoVelocity()
+    denoiser = FlowMatchDenoiser(model, diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
+    assert denoiser.layout == "plain"
+    x = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(25))
+    cond = {"encoder_hidden_states": prompt(2, seed=26)["encoder_hidden_states"],
+            "encoder_attention_mask": torch.tensor([[1.0] * TEXT_LEN, [1.0, 1.0, 0.0, 0.0, 0.0]])}
+    t = torch.full((2,), 0.8)
+    with torch.no_grad():
+        expected = x - 0.8 * model(x, torch.full((2,), 800.0), **cond)
+        assert torch.equal(denoiser(x, t, cond), expected)
+        other = denoiser(x, t, dict(cond, encoder_attention_mask=torch.ones(2, TEXT_LEN)))
+    assert not torch.equal(other[1], expected[1]) and torch.equal(other[0], expected[0])  # the mask reaches it
