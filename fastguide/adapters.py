@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastguide import reference
+from fastguide import ops, reference
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 COND_KWARGS = ("class_labels", "encoder_hidden_states")
@@ -461,9 +461,9 @@ def flow_sigmas(scheduler, num_steps, *, mu=None, sigmas=None):
     static, t' = s·t/(1 + (s − 1)·t) with s = scheduler.shift; or dynamic (config use_dynamic_shifting),
     t' = e^mu/(e^mu + 1/t − 1) ("exponential") or mu/(mu + 1/t − 1) ("linear"), mu required
     (see flow_shift_mu); then the config's shift_terminal stretch and Karras / exponential spacing.
-    The first t is 1 for the default and the Flux schedules; when it is below 1 (shift_terminal aside,
-    custom sigmas, Karras spacing), diffusers still starts from unscaled noise while fastguide.sample
-    starts from noise·t_0: pass noise / t_0 to start where diffusers does.
+    The first t is 1 for the default and the Flux t's (with any shift, terminal or respacing); when given
+    sigmas start below 1, diffusers still starts from unscaled noise while fastguide.sample starts from
+    noise·t_0: pass noise / t_0 to start where diffusers does.
     """
     num_train = _flow_config(scheduler)
     config = scheduler.config
@@ -493,8 +493,7 @@ def _unshifted(scheduler, num_train, num_steps, sigmas):
     if sigmas is None:
         t_max, t_min = float(scheduler.sigma_max), float(scheduler.sigma_min)
         return np.linspace(t_max * num_train, t_min * num_train, num_steps) / num_train
-    t = np.asarray(torch.as_tensor(sigmas).detach().cpu().numpy() if isinstance(sigmas, torch.Tensor) else sigmas,
-                   dtype=np.float32)
+    t = np.asarray(sigmas.detach().cpu() if isinstance(sigmas, torch.Tensor) else sigmas, dtype=np.float32)
     if t.shape != (num_steps,):
         raise ValueError(f"sigmas must hold num_steps={num_steps} unshifted t's, got shape {t.shape}")
     if not bool(np.all((t > 0) & (t <= 1))):
@@ -508,13 +507,11 @@ def _shifted(scheduler, t, mu):
         if mu is not None:
             raise ValueError("mu applies to a scheduler with use_dynamic_shifting=True; this one has a static shift "
                              f"({scheduler.shift})")
-        shift = float(scheduler.shift)
+        shift = float(getattr(scheduler, "shift", _config_value(config, "shift", 1.0)))
         return shift * t / (1 + (shift - 1) * t)
     if mu is None:
         raise ValueError("the scheduler uses dynamic shifting: pass mu (e.g. flow_shift_mu(scheduler, image_seq_len))")
-    mu = float(mu)
-    if not math.isfinite(mu):
-        raise ValueError(f"mu must be finite, got {mu}")
+    mu = ops.check_real("mu", mu)
     if _config_get(config, "time_shift_type") == "linear":
         return mu / (mu + (1 / t - 1))
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
