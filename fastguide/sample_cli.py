@@ -312,9 +312,9 @@ def _check_outdir(outdir, seeds, fmt):
         existing = os.path.abspath(folder)
         while not os.path.lexists(existing):  # the nearest part of the path that exists
             existing = os.path.dirname(existing)
-        if os.path.lexists(existing) and not os.path.isdir(existing):
+        if not os.path.isdir(existing):
             raise UsageError(f"--outdir: cannot write to {folder!r}: {existing!r} is not a folder")
-        if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        if not os.access(existing, os.W_OK | os.X_OK):
             raise UsageError(f"--outdir: cannot write to {folder!r}: {existing!r} is not writable")
     taken = [seed for seed in seeds if os.path.isdir(seed_path(outdir, seed, fmt))]
     if taken:
@@ -364,7 +364,10 @@ def _read_manifest(path, force):
     """The manifest's settings, or None if there is none (or, with --force, it cannot be read)."""
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read())["settings"]
+            settings = json.loads(f.read())["settings"]
+        if not isinstance(settings, dict):
+            raise ValueError(f"its settings are a {type(settings).__name__}, not a mapping")
+        return settings
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -384,10 +384,11 @@ def test_batch_strategy_and_backend_are_not_settings(reference_run, tmp_path):
         assert max_rel_err(new["x"], old["x"]) < 1e-5
 
 
-def test_unreadable_manifest_is_refused_unless_forced(reference_run, tmp_path, capsys):
+@pytest.mark.parametrize("text", ['{"manifest": 1, "sett', '{"manifest": 1}', '{"settings": [4]}', '[]'])
+def test_unreadable_manifest_is_refused_unless_forced(reference_run, tmp_path, capsys, text):
     outdir = copy_of(reference_run, tmp_path)
     with open(os.path.join(outdir, "manifest.json"), "w") as f:
-        f.write('{"manifest": 1, "sett')
+        f.write(text)
     assert run_common(outdir=outdir) == 2
     assert "cannot read" in capsys.readouterr().err
     assert run_common("--force", outdir=outdir) == 0
