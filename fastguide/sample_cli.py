@@ -435,13 +435,17 @@ def remove_stale_temporaries(folder):
         match = re.fullmatch(r"\..+~([^~]+)~([0-9]+)~[0-9a-f]+\.tmp", entry.name)
         if match is None:
             continue
-        host, pid = match[1], int(match[2])
-        if host == HOST:
-            stale = pid == os.getpid() or not _process_exists(pid)
-        else:
-            stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
-        if stale:
+        if _is_stale(entry, host=match[1], pid=int(match[2])):
             _remove_if_present(entry.path)
+
+
+def _is_stale(entry, host, pid):
+    if host == HOST:
+        return pid == os.getpid() or not _process_exists(pid)
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+    except FileNotFoundError:  # removed meanwhile (by its writer, or another run's clean-up)
+        return False
 
 
 def _process_exists(pid):
@@ -449,8 +453,8 @@ def _process_exists(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it runs, as another user
+        pass
     return True
 
 

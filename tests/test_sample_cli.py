@@ -1,4 +1,5 @@
-"""`fastguide sample` end to end: files per seed, resume after a kill, torchrun sharding, bad input."""
+"""`fastguide sample` end to end: files per seed, resume after a kill, the manifest and unreadable files on
+rerun, atomic and concurrent writes, failures during sampling, sharding (torchrun, two nodes), bad input."""
 import errno
 import glob
 import json
