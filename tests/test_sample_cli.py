@@ -551,7 +551,7 @@ def test_non_finite_batch_is_not_written_and_its_seeds_are_named(tmp_path, capsy
             "--format", "npz", "--outdir", outdir]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert error_lines(err) == ["fastguide sample: error: seeds 4 were not written: step 0 (Euler evaluation at "
+    assert error_lines(err) == ["fastguide sample: error: seeds 4 were not written: step 0 (euler evaluation at "
                                 "sigma=80): net returned non-finite values (NaN or inf)"]
     assert [os.path.basename(p) for p in result_files(outdir)] == [f"{s:06d}.npz" for s in range(4)]
     (record,) = records(outdir)
