@@ -500,5 +500,10 @@ class _DirectEvaluation:
 
 
 def rule_ops(backend, device):
-    """The module of the "rules" ops for a resolved backend name of the guided ops."""
-    return dispatch.implementation(dispatch.resolve(backend, device, family="rules"), family="rules")
+    """The module of the "rules" ops for the backend name that runs the guided ops ("auto" or
+    resolved): that backend's rule kernels where it has them, else what "auto" picks for device
+    (a CUDA build without the rule kernels falls back to Triton, then to the reference)."""
+    device = torch.device(device)
+    if backend != "auto" and dispatch.backends("rules").get(backend, {}).get("available"):
+        return dispatch.implementation(dispatch.resolve(backend, device, family="rules"), family="rules")
+    return dispatch.implementation(dispatch.resolve("auto", device, family="rules"), family="rules")
