@@ -242,7 +242,9 @@ class APG(Rule):
     """Adaptive projected guidance: the update Δ = D1 − D0 (in `space`) accumulated with momentum
     (m ← Δ + momentum·m, per run), scaled down to norm ≤ norm_threshold (when > 0), split into
     parts parallel and orthogonal to the conditional prediction, the parallel part scaled by eta:
-    pred = D0 + w·(orthogonal + eta·parallel)."""
+    pred = D0 + w·(orthogonal + eta·parallel).  The momentum updates at every guided evaluation
+    (as each call of the diffusers guider does; twice per Heun step) and not where a sample's
+    weight is 1 or the guide is skipped."""
     name = "apg"
 
     def __init__(self, eta=1.0, norm_threshold=0.0, momentum=0.0, space="eps"):

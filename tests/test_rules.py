@@ -526,3 +526,15 @@ def test_callback_denoised_is_the_rules_d(generator):
     expected, _ = rules.reference_guide(rule, x, net(x, s, labels), net(x, s, null), 3.0, sigma, 0, None)
     assert len(seen) == 4
     assert relative_error(denoised, expected) < 1e-9
+
+
+def test_scalar_lerp_keeps_todays_path(generator):
+    shape = (2, 2, 4, 4)
+    net = Net(shape[1:])
+    noise = torch.randn(shape, generator=generator)
+    labels, null = torch.tensor([1, 2]), torch.zeros(2, dtype=torch.long)
+    for solver in ("heun", "dpmpp_2m"):
+        plain = fastguide.sample(net, noise, labels=labels, guide_labels=null, guidance=2.5, num_steps=4, solver=solver)
+        for rule in (None, rules.Lerp(), "lerp"):
+            assert torch.equal(fastguide.sample(net, noise, labels=labels, guide_labels=null, guidance=2.5,
+                                                num_steps=4, solver=solver, guidance_rule=rule), plain)
