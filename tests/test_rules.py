@@ -538,3 +538,38 @@ def test_scalar_lerp_keeps_todays_path(generator):
         for rule in (None, rules.Lerp(), "lerp"):
             assert torch.equal(fastguide.sample(net, noise, labels=labels, guide_labels=null, guidance=2.5,
                                                 num_steps=4, solver=solver, guidance_rule=rule), plain)
+
+
+@pytest.mark.skipif("cpp" not in FUSED, reason="the C++ rule kernels are not built")
+def test_rule_step_traces_whole_with_fullgraph():
+    """The core's guided step with a rule (APG with momentum: state written each call) under
+    torch.compile(fullgraph=True), two calls, the same bits as eager."""
+    from fastguide import core, plan
+
+    class Linear(torch.nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.layer = torch.nn.Linear(5, 5)
+
+        def forward(self, x, sigma, labels):
+            return self.layer(x) / (1 + sigma[:, None])
+
+    torch._dynamo.reset()
+    rule = rules.APG(momentum=0.5, norm_threshold=2.0, eta=0.5)
+    denoiser = GuidedDenoiser(Linear(1), Linear(2), guidance=2.0, guidance_rule=rule)
+    ev = plan.build(reference.edm_sigmas(4).tolist(), "heun", denoiser.guided_at).evaluations[1]
+    solver_ops = dispatch.implementation(dispatch.resolve("auto", "cpu"))
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    results = []
+    for step in (core.guided_step, torch.compile(core.guided_step, fullgraph=True)):
+        run = rules.RuleRun(rule, 2.0, rules.rule_ops("cpp", "cpu"), x.device)
+        bufs = core.Buffers.allocate(x.clone(), "heun")
+        bufs.x_next.copy_(x * 0.5)
+        bufs.deriv.copy_(x * 0.1)
+        flags = torch.zeros(1, dtype=torch.int32)
+        with torch.no_grad():
+            for _ in range(2):
+                step(denoiser.evaluator, solver_ops, ev, bufs, None, 2.0, flags, None, run)
+        results.append((bufs.x_next.clone(), run.momentum.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
