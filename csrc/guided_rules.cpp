@@ -10,6 +10,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <optional>
 #include <tuple>
@@ -22,6 +24,23 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kApplyBlock = 1 << 14;  // elements per apply task (whole vectors within a sample)
+// Outputs at least this large take non-temporal (streaming) stores: they leave the cache before
+// they are read again, and streaming skips reading each line before writing it.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+#if defined(CPU_CAPABILITY_AVX2)
+inline void stream_vector(float* p, const Vectorized<float>& v) { _mm256_stream_ps(p, v); }
+inline void stream_vector(double* p, const Vectorized<double>& v) { _mm256_stream_pd(p, v); }
+template <typename half_t>
+inline void stream_vector(half_t* p, const Vectorized<half_t>& v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+}
+inline void stream_fence() { _mm_sfence(); }
+#else
+template <typename scalar_t, typename V>
+inline void stream_vector(scalar_t* p, const V& v) { v.store(p); }
+inline void stream_fence() {}
+#endif
 
 // A run of kSize elements of scalar_t as kParts vectors of the math type (float for half types).
 // Loads of fewer than kSize elements fill the rest with zeros.
@@ -33,8 +52,9 @@ struct Lanes {
   static void load(const scalar_t* p, int64_t count, Math* parts) {
     parts[0] = count == kSize ? Math::loadu(p) : Math::loadu(p, count);
   }
-  static void store(scalar_t* p, int64_t count, const Math* parts) {
-    count == kSize ? parts[0].store(p) : parts[0].store(p, count);
+  static void store(scalar_t* p, int64_t count, const Math* parts, bool streaming = false) {
+    if (count != kSize) return parts[0].store(p, count);
+    streaming ? stream_vector(p, parts[0]) : parts[0].store(p);
   }
 };
 
@@ -48,9 +68,10 @@ struct HalfLanes {
     Storage v = count == kSize ? Storage::loadu(p) : Storage::loadu(p, count);
     std::tie(parts[0], parts[1]) = at::vec::convert_to_float<half_t>(v);
   }
-  static void store(half_t* p, int64_t count, const Math* parts) {
+  static void store(half_t* p, int64_t count, const Math* parts, bool streaming = false) {
     Storage v = at::vec::convert_from_float<half_t>(parts[0], parts[1]);
-    count == kSize ? v.store(p) : v.store(p, count);
+    if (count != kSize) return v.store(p, count);
+    streaming ? stream_vector(p, v) : v.store(p);
   }
 };
 
@@ -167,6 +188,12 @@ int apply_kernel(const ApplyPointers<scalar_t>& p, const at::opmath_type<scalar_
   using L = Lanes<scalar_t>;
   using V = typename L::Math;
   const int64_t blocks = (n + kApplyBlock - 1) / kApplyBlock;
+  // Streaming needs every full vector 32-byte aligned: aligned outputs and samples of whole vectors.
+  bool streaming = batch * n * int64_t(sizeof(scalar_t)) >= kStreamBytes && n % L::kSize == 0;
+  for (const scalar_t* q : {static_cast<const scalar_t*>(p.out), static_cast<const scalar_t*>(p.out2),
+                            static_cast<const scalar_t*>(p.m_out)}) {
+    streaming = streaming && reinterpret_cast<uintptr_t>(q) % 32 == 0;
+  }
   int flags = 0;
   at::parallel_for(0, batch * blocks, 1, [&](int64_t task_begin, int64_t task_end) {
     V bad_d1(0), bad_d0(0), bad_out(0);
@@ -203,18 +230,20 @@ int apply_kernel(const ApplyPointers<scalar_t>& p, const at::opmath_type<scalar_
           if (p.out2) o2[k] = combine(c[1], xv[k], d1v[k], dp, mp, ep, np);
           if (p.m_out) om[k] = combine(c[2], xv[k], d1v[k], dp, mp, ep, np);
         }
-        L::store(p.out + i, count, o);
-        if (p.out2) L::store(p.out2 + i, count, o2);
-        if (p.m_out) L::store(p.m_out + i, count, om);
         if constexpr (L::kParts == 1) {
           bad_out = bad_out + (o[0] - o[0]);
-        } else {  // the stored (rounded) values: a float that overflows the half type is flagged
+        } else {  // the values as stored: a float that overflows the half type is flagged
           V stored[L::kParts];
-          L::load(p.out + i, count, stored);
+          typename L::Storage rounded = at::vec::convert_from_float<scalar_t>(o[0], o[1]);
+          std::tie(stored[0], stored[1]) = at::vec::convert_to_float<scalar_t>(rounded);
           for (int k = 0; k < L::kParts; ++k) bad_out = bad_out + (stored[k] - stored[k]);
         }
+        L::store(p.out + i, count, o, streaming);
+        if (p.out2) L::store(p.out2 + i, count, o2, streaming);
+        if (p.m_out) L::store(p.m_out + i, count, om, streaming);
       }
     }
+    if (streaming) stream_fence();
     int bits = (any_nan(bad_d1) ? 1 : 0) | (any_nan(bad_d0) ? 2 : 0) | (any_nan(bad_out) ? 4 : 0);
     if (bits) __atomic_fetch_or(&flags, bits, __ATOMIC_RELAXED);
   });
