@@ -415,8 +415,9 @@ class RuleRun:
         return self.weights
 
     def coefficients(self, sigma, step, x_in, d_main, d_guide):
-        """(P, Q, X, R, m_delta, m_keep) [B] float64: D = P·D1 + Q·(D1 − D0) + X·x_in + R·m and the new
-        momentum m' = m_delta·(D1 − D0) + m_keep·m; None for m' when there is no state to write."""
+        """(P, Q, X, R, momentum), [B] float64 tensors: D = P·D1 + Q·(D1 − D0) + X·x_in + R·m, and
+        momentum = (m_delta, m_keep) with the new state m' = m_delta·(D1 − D0) + m_keep·m, or None
+        when there is no state to write."""
         rule = self.rule
         a_x, a_d = space_coefficients(rule.space, sigma)
         batch, device = d_main.shape[0], d_main.device
