@@ -470,8 +470,14 @@ class RuleRun:
             m_in = None
         cdt = _compute_dtype(x.dtype)
         e = e if any(row is not None and row[2] != 0 for row in rows) or kappa != 0 else None
-        self.ops.rule_apply(x, d_main, d_guide, m_in, e, noise, coefs.to(cdt), out=out, out2=out2, m_out=m_out,
-                            flags=flag)
+        # The kernels write contiguous outputs: a non-contiguous buffer (channels-last x) gets a copy.
+        targets = [t if t is None or t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+                   for t in (out, out2)]
+        self.ops.rule_apply(x, d_main, d_guide, m_in, e, noise, coefs.to(cdt), out=targets[0], out2=targets[1],
+                            m_out=m_out, flags=flag)
+        for buffer, target in zip((out, out2), targets):
+            if buffer is not target:
+                buffer.copy_(target)
 
     def epilogue(self, solver_ops, ev, bufs, x_in, d_main, d_guide, flag, noise, plain_epilogue):
         """The guided step of evaluation ev into bufs (fastguide.core's buffers)."""

@@ -573,3 +573,19 @@ def test_rule_step_traces_whole_with_fullgraph():
                 step(denoiser.evaluator, solver_ops, ev, bufs, None, 2.0, flags, None, run)
         results.append((bufs.x_next.clone(), run.momentum.clone()))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("backend", RULE_BACKENDS)
+def test_channels_last_and_non_contiguous_predictions(backend, generator):
+    shape = (2, 3, 5, 4)
+    net = Net(shape[1:], seed=6)
+
+    def strided(x, sigma, labels):  # a prediction that is a view with gaps (like a learned-variance slice)
+        return torch.cat([net(x, sigma, labels), x], dim=1)[:, :3]
+    noise = torch.randn(shape, generator=generator)
+    labels, null = torch.tensor([1, 2]), torch.zeros(2, dtype=torch.long)
+    options = dict(labels=labels, guide_labels=null, guidance=torch.tensor([3.0, 4.0]), num_steps=4, solver="heun",
+                   guidance_rule=rules.APG(momentum=0.3), backend=backend)
+    expected = fastguide.sample(net, noise, **options)
+    actual = fastguide.sample(strided, noise.to(memory_format=torch.channels_last), **options)
+    assert relative_error(actual, expected) < 1e-6
