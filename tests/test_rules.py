@@ -589,3 +589,17 @@ def test_channels_last_and_non_contiguous_predictions(backend, generator):
     expected = fastguide.sample(net, noise, **options)
     actual = fastguide.sample(strided, noise.to(memory_format=torch.channels_last), **options)
     assert relative_error(actual, expected) < 1e-6
+
+
+@pytest.mark.parametrize("offset", [3.0, 10.0])
+def test_rescale_keeps_accuracy_with_a_large_mean(offset, generator):
+    """The standard deviations come from raw sums (Σe, Σe²); with a mean 10 × the std the float32
+    result still matches diffusers' float64 guider within 1e-5 (the error grows as (mean/std)²)."""
+    shape = (2, 4, 32, 32)
+    cond = torch.randn(shape, generator=generator, dtype=torch.float64) + offset
+    uncond = 0.8 * cond + 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    rule = rules.CFGRescale(phi=0.7, space="x0")
+    expected = guider_steps(make_guider(rule, 4.5), [(cond, uncond)], 1)[0]
+    for backend in RULE_BACKENDS:
+        actual = fused_steps(rule, [(cond.float(), uncond.float())], 4.5, backend)[0]
+        assert relative_error(actual, expected) < 1e-5
