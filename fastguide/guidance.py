@@ -104,7 +104,7 @@ class GuidedDenoiser(nn.Module):
         self.evaluator = Evaluator(net, guide, guide_labels, batching.check_strategy(strategy), compile,
                                    cast_outputs)
         self.net, self.guide = net, guide
-        self._direct = None  # (RuleRun, last σ, step) of direct calls with a rule
+        self._direct = None  # (RuleRun, x's shape, last σ, next step) of direct calls with a rule
 
     guide_labels = property(lambda self: self.evaluator.guide_labels)
     strategy = property(lambda self: self.evaluator.strategy)
@@ -168,18 +168,17 @@ class GuidedDenoiser(nn.Module):
         """A direct call with a rule: its state carries over calls of one run (see the class)."""
         check_x(x)
         sigma_value = check_sigma(sigma, x.shape[0])
-        run, last_sigma, step = self._direct or (None, None, 0)
-        if run is None or sigma_value > last_sigma or run.shape != tuple(x.shape):
+        run, shape, last_sigma, step = self._direct or (None, None, None, 0)
+        if run is None or sigma_value > last_sigma or shape != tuple(x.shape):
             backend = dispatch.resolve("auto", x.device, family="rules")
             run, step = rules.RuleRun(self.rule, self.guidance, rules.rule_ops(backend, x.device), x.device), 0
-            run.shape = tuple(x.shape)
         if step < self.rule.zero_init_steps:  # the prediction is zero whatever the models say: no guide
             self.check_labels(labels, x.shape[0])
             d_main, d_guide = self.evaluator.predictions(x, sigma_value, labels, False)
         else:
             d_main, d_guide = self.predictions(x, sigma_value, labels)
         out = run.denoise(x, d_main, d_guide, sigma_value, step)
-        self._direct = (run, sigma_value, step + 1)
+        self._direct = (run, tuple(x.shape), sigma_value, step + 1)
         return out
 
 
