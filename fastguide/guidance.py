@@ -13,7 +13,7 @@ import numbers
 import torch
 from torch import nn
 
-from fastguide import batching, conditioning, dispatch, ops, reference, rules
+from fastguide import batching, conditioning, ops, reference, rules
 from fastguide.evaluator import DenoiserOutputError, Evaluator
 
 __all__ = ["GuidedDenoiser", "DenoiserOutputError", "check_guidance", "check_interval", "check_sigma"]
@@ -163,15 +163,13 @@ class GuidedDenoiser(nn.Module):
             combine = self.evaluator._compiled_fn("combine", reference.guide, x.device)
         return combine(d_main, d_guide, self.guidance)
 
-
     def _rule_forward(self, x, sigma, labels):
         """A direct call with a rule: its state carries over calls of one run (see the class)."""
         check_x(x)
         sigma_value = check_sigma(sigma, x.shape[0])
         run, shape, last_sigma, step = self._direct or (None, None, None, 0)
         if run is None or sigma_value > last_sigma or shape != tuple(x.shape):
-            backend = dispatch.resolve("auto", x.device, family="rules")
-            run, step = rules.RuleRun(self.rule, self.guidance, rules.rule_ops(backend, x.device), x.device), 0
+            run, step = rules.RuleRun(self.rule, self.guidance, rules.rule_ops("auto", x.device), x.device), 0
         if step < self.rule.zero_init_steps:  # the prediction is zero whatever the models say: no guide
             self.check_labels(labels, x.shape[0])
             d_main, d_guide = self.evaluator.predictions(x, sigma_value, labels, False)

@@ -9,7 +9,6 @@ import torch
 import fastguide
 from fastguide import dispatch, reference, rules
 from fastguide.guidance import GuidedDenoiser
-from fastguide.plan import Evaluation
 from fastguide._threads import torch_threads
 
 diffusers = pytest.importorskip("diffusers")
@@ -520,7 +519,8 @@ def test_callback_denoised_is_the_rules_d(generator):
     seen = []
     fastguide.sample(net, noise, labels=labels, guide_labels=null, guidance=3.0, num_steps=4, solver="heun",
                      guidance_rule=rule, dtype=torch.float64,
-                     callback=lambda info: seen.append((info["x_hat"].clone(), info["sigma_hat"], info["denoised"].clone())))
+                     callback=lambda info: seen.append((info["x_hat"].clone(), info["sigma_hat"],
+                                                        info["denoised"].clone())))
     x, sigma, denoised = seen[0]  # the first step: APG's momentum starts from nothing
     s = torch.full((2,), sigma, dtype=torch.float64)
     expected, _ = rules.reference_guide(rule, x, net(x, s, labels), net(x, s, null), 3.0, sigma, 0, None)
