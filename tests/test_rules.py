@@ -603,3 +603,16 @@ def test_rescale_keeps_accuracy_with_a_large_mean(offset, generator):
     for backend in RULE_BACKENDS:
         actual = fused_steps(rule, [(cond.float(), uncond.float())], 4.5, backend)[0]
         assert relative_error(actual, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", RULE_BACKENDS)
+def test_overflow_from_finite_predictions_is_refused(backend, generator):
+    shape = (2, 2, 4, 4)
+    net = Net(shape[1:])
+    noise = torch.randn(shape, generator=generator)
+    labels, null = torch.tensor([1, 2]), torch.zeros(2, dtype=torch.long)
+    # float16 predictions, a weight of 1e8 on the rule path: D overflows float16 on the first step.
+    with pytest.raises(FloatingPointError, match=r"step 0: x became non-finite .* overflow"):
+        fastguide.sample(net, noise, labels=labels, guide_labels=null, guidance=torch.tensor([3.0, 1e8]),
+                         num_steps=4, solver="euler", guidance_rule=rules.Lerp(), backend=backend,
+                         dtype=torch.float16)
