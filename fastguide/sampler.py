@@ -66,9 +66,21 @@ def check_noise(noise, dtype):
         raise ValueError("noise must be finite; it holds NaN or inf")
 
 
-def check_solver(solver, S_churn, eta):
+def signal_scale_of(net):
+    """The net's α(σ) of x_σ = α·x0 + σ·ε if it declares one (a flow-matching adapter: 1 − t), else None."""
+    signal_scale = getattr(net, "signal_scale", None)
+    if signal_scale is not None and not callable(signal_scale):
+        raise TypeError(f"net.signal_scale must be callable (σ -> α), got {type(signal_scale).__name__}")
+    return signal_scale
+
+
+def check_solver(solver, S_churn, eta, signal_scale=None):
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if signal_scale is not None and (S_churn > 0 or solver == "euler_ancestral"):
+        what = "S_churn" if S_churn > 0 else "solver='euler_ancestral'"
+        raise ValueError(f"{what} adds noise as x = x0 + σ·ε, but net declares signal_scale (x = α(σ)·x0 + σ·ε, "
+                         "a flow-matching model): use 'euler', 'heun' or 'dpmpp_2m' without churn")
     if S_churn > 0 and solver not in ("euler", "heun"):
         raise ValueError(f"S_churn={S_churn} applies to the 'euler' and 'heun' solvers only, not {solver!r}")
     eta = ops.check_real("eta", eta, minimum=0.0, strict=False)
@@ -118,7 +130,8 @@ def run_sampler(denoiser, noise, *, labels=None, num_steps=EDM["num_steps"], sig
     check_noise(noise, dtype)
     denoiser.check_labels(labels, noise.shape[0])
     S_churn = ops.check_real("S_churn", S_churn, minimum=0.0, strict=False)
-    eta = check_solver(solver, S_churn, eta)
+    signal_scale = signal_scale_of(denoiser.net)
+    eta = check_solver(solver, S_churn, eta, signal_scale)
     t_steps = schedule(num_steps, sigma_min, sigma_max, rho, sigmas)
     S_noise = ops.check_real("S_noise", S_noise)
     S_min = ops.check_real("S_min", S_min, finite=False)
@@ -133,7 +146,8 @@ def run_sampler(denoiser, noise, *, labels=None, num_steps=EDM["num_steps"], sig
         rule_ops = rules.rule_ops(backend, noise.device)
 
     run_plan = plan.build(t_steps, solver, denoiser.guided_at, S_churn=S_churn, S_min=S_min, S_max=S_max,
-                          S_noise=S_noise, eta=eta, guide_from_step=denoiser.guide_from_step)
+                          S_noise=S_noise, eta=eta, guide_from_step=denoiser.guide_from_step,
+                          signal_scale=signal_scale)
     with torch.no_grad():  # a denoiser that needs autograd (e.g. an energy model) enables it itself
         x = core.run(run_plan, denoiser.evaluator, noise.to(dtype) * t_steps[0], labels, denoiser.guidance,
                      dispatch.implementation(backend), randn=lambda x, step: randn_like(x), callback=callback,
