@@ -46,7 +46,7 @@ struct DpmScalars {
 };
 
 template <typename S>
-inline EulerScalars<S> euler_scalars(double guidance, double t_cur, double t_next, double noise_scale) {
+inline EulerScalars<S> euler_scalars(double guidance, double t_cur, double t_next, double noise_scale = 0.0) {
   return {S(guidance), S(1.0 / t_cur), S(t_next - t_cur), S(noise_scale)};
 }
 

@@ -45,15 +45,14 @@ inline void stream_vector(scalar_t* p, const V& v) { v.store(p); }
 inline void stream_fence() {}
 #endif
 
-// Whether every output can take streaming stores: large, and 32-byte aligned so that each full
-// chunk (chunks start at multiples of the vector size) is aligned too.
+// Whether an output takes streaming (non-temporal) stores: it is large, 32-byte aligned (so that
+// each full chunk, which starts at a multiple of the vector size, is aligned too), and not one of
+// the inputs: an output written over an input finds its lines in cache, where streaming stores
+// would only evict them.
 template <typename scalar_t>
-bool use_streaming(int64_t n, std::initializer_list<const scalar_t*> outputs) {
-  if (n * int64_t(sizeof(scalar_t)) < kStreamBytes) return false;
-  for (const scalar_t* p : outputs) {
-    if (reinterpret_cast<uintptr_t>(p) % 32 != 0) return false;
-  }
-  return true;
+bool streams(const scalar_t* out, int64_t n, std::initializer_list<const scalar_t*> inputs) {
+  if (n * int64_t(sizeof(scalar_t)) < kStreamBytes || reinterpret_cast<uintptr_t>(out) % 32 != 0) return false;
+  return std::find(inputs.begin(), inputs.end(), out) == inputs.end();
 }
 
 // A chunk of kSize elements of scalar_t held as kParts math vectors (float for half types).
@@ -108,15 +107,15 @@ int64_t chunks(int64_t n) {
 }
 
 // Which of d_main, d_guide and the written x_next held a NaN or ±inf, over one thread's task:
-// v − v is 0 for finite v and NaN otherwise, so each running sum of those is NaN exactly when
-// one of its values was not finite.  One atomic OR per task, and only when a bit is set.
+// v·0 is 0 for finite v and NaN otherwise, so each running sum of those (one FMA per vector) is
+// NaN exactly when one of its values was not finite.  One atomic OR per task, only when a bit is set.
 template <typename L>
 struct NonFiniteSums {
   using Math = typename L::Math;
   Math main = Math(0), guide = Math(0), next = Math(0);
 
   static void add(Math& sum, const Math* parts) {
-    for (int k = 0; k < L::kParts; ++k) sum = sum + (parts[k] - parts[k]);
+    for (int k = 0; k < L::kParts; ++k) sum = at::vec::fmadd(parts[k], Math(0), sum);
   }
   void add_stored(const Math* next_parts) {
     Math stored[L::kParts];
@@ -136,6 +135,7 @@ struct NonFiniteSums {
 
 // body(i, count, sums) for each chunk of L::kSize elements at i (count < kSize for the last),
 // the chunks split between threads; sums collects the non-finite bits when flags is not null.
+// streaming: whether body makes streaming stores (each task then ends with a fence).
 template <typename L, typename Body>
 void for_each_chunk(int64_t n, bool streaming, int32_t* flags, const Body& body) {
   at::parallel_for(0, chunks<L>(n), kGrain / L::kSize, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -165,8 +165,9 @@ template <typename scalar_t, bool kHasGuide, bool kHasNoise>
 void euler_kernel(const EulerArgs<scalar_t>& a, fastguide::EulerScalars<at::opmath_type<scalar_t>> s,
                   int32_t* flags) {
   using L = Lanes<scalar_t>;
-  const bool streaming = use_streaming<scalar_t>(a.n, {a.out, a.deriv_out});
-  for_each_chunk<L>(a.n, streaming, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
+  const bool stream_next = streams(a.out, a.n, {a.x, a.d_main, a.d_guide, a.noise});
+  const bool stream_deriv = streams(a.deriv_out, a.n, {a.x, a.d_main, a.d_guide, a.noise});
+  for_each_chunk<L>(a.n, stream_next || stream_deriv, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
     typename L::Math xv[L::kParts], main[L::kParts], guide[L::kParts], noise[L::kParts], next[L::kParts],
         deriv[L::kParts];
     L::load(a.x + i, count, xv);
@@ -177,8 +178,8 @@ void euler_kernel(const EulerArgs<scalar_t>& a, fastguide::EulerScalars<at::opma
       fastguide::euler_update(xv[k], denoised_of<kHasGuide>(main[k], guide[k], s.guidance), s, next[k], deriv[k]);
       if constexpr (kHasNoise) next[k] = fastguide::add_noise(next[k], noise[k], s);
     }
-    L::store(a.out + i, count, next, streaming);
-    L::store(a.deriv_out + i, count, deriv, streaming);
+    L::store(a.out + i, count, next, stream_next);
+    L::store(a.deriv_out + i, count, deriv, stream_deriv);
     if (flags != nullptr) {
       sums.add(sums.main, main);
       if constexpr (kHasGuide) sums.add(sums.guide, guide);
@@ -197,8 +198,8 @@ struct HeunArgs {
 template <typename scalar_t, bool kHasGuide>
 void heun_kernel(const HeunArgs<scalar_t>& a, fastguide::HeunScalars<at::opmath_type<scalar_t>> s, int32_t* flags) {
   using L = Lanes<scalar_t>;
-  const bool streaming = use_streaming<scalar_t>(a.n, {a.out});
-  for_each_chunk<L>(a.n, streaming, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
+  const bool stream_next = streams(a.out, a.n, {a.x, a.deriv, a.d_main, a.d_guide});
+  for_each_chunk<L>(a.n, stream_next, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
     typename L::Math xv[L::kParts], deriv[L::kParts], main[L::kParts], guide[L::kParts], next[L::kParts];
     L::load(a.x + i, count, xv);
     L::load(a.deriv + i, count, deriv);
@@ -207,7 +208,7 @@ void heun_kernel(const HeunArgs<scalar_t>& a, fastguide::HeunScalars<at::opmath_
     for (int k = 0; k < L::kParts; ++k) {
       next[k] = fastguide::heun_update(xv[k], deriv[k], denoised_of<kHasGuide>(main[k], guide[k], s.guidance), s);
     }
-    L::store(a.out + i, count, next, streaming);
+    L::store(a.out + i, count, next, stream_next);
     if (flags != nullptr) {
       sums.add(sums.main, main);
       if constexpr (kHasGuide) sums.add(sums.guide, guide);
@@ -226,8 +227,10 @@ struct DpmArgs {
 template <typename scalar_t, bool kHasGuide, bool kHasPrev>
 void dpm_kernel(const DpmArgs<scalar_t>& a, fastguide::DpmScalars<at::opmath_type<scalar_t>> s, int32_t* flags) {
   using L = Lanes<scalar_t>;
-  const bool streaming = use_streaming<scalar_t>(a.n, {a.out, a.denoised_out});
-  for_each_chunk<L>(a.n, streaming, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
+  const bool stream_next = streams(a.out, a.n, {a.x, a.d_main, a.d_guide, a.denoised_prev});
+  const bool stream_denoised = streams(a.denoised_out, a.n, {a.x, a.d_main, a.d_guide, a.denoised_prev});
+  for_each_chunk<L>(a.n, stream_next || stream_denoised, flags,
+                    [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
     typename L::Math xv[L::kParts], main[L::kParts], guide[L::kParts], prev[L::kParts], denoised[L::kParts],
         next[L::kParts];
     L::load(a.x + i, count, xv);
@@ -242,8 +245,8 @@ void dpm_kernel(const DpmArgs<scalar_t>& a, fastguide::DpmScalars<at::opmath_typ
         next[k] = fastguide::dpm_update(xv[k], denoised[k], s);
       }
     }
-    L::store(a.out + i, count, next, streaming);
-    L::store(a.denoised_out + i, count, denoised, streaming);
+    L::store(a.out + i, count, next, stream_next);
+    L::store(a.denoised_out + i, count, denoised, stream_denoised);
     if (flags != nullptr) {
       sums.add(sums.main, main);
       if constexpr (kHasGuide) sums.add(sums.guide, guide);
