@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/floating_point_utils.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -68,8 +70,8 @@ struct Lanes {
     if (count != kSize) return parts[0].store(p, count);
     streaming ? stream_vector(p, parts[0]) : parts[0].store(p);
   }
-  // The values store() writes, back in the math type: the parts themselves.
-  static void stored_values(const Math* parts, Math* stored) { stored[0] = parts[0]; }
+  // A value v stores as a finite scalar_t exactly when |v| < this (NaN fails the test too).
+  static Math stored_limit() { return Math(std::numeric_limits<scalar_t>::infinity()); }
 };
 
 template <typename half_t>
@@ -88,10 +90,10 @@ struct HalfLanes {
     if (count != kSize) return v.store(p, count);
     streaming ? stream_vector(p, v) : v.store(p);
   }
-  // The values store() writes, back in float: rounded to half_t (a float16 overflow is inf).
-  static void stored_values(const Math* parts, Math* stored) {
-    std::tie(stored[0], stored[1]) =
-        at::vec::convert_to_float<half_t>(at::vec::convert_from_float<half_t>(parts[0], parts[1]));
+  // A float v stores as a finite half_t exactly when |v| < this: the midpoint between the largest
+  // finite half_t and the next power of two, which rounds (to even) to inf.
+  static Math stored_limit() {
+    return Math(std::is_same_v<half_t, at::Half> ? 65520.0f : c10::detail::fp32_from_bits(0x7f7f8000u));
   }
 };
 
@@ -106,32 +108,46 @@ int64_t chunks(int64_t n) {
   return (n + L::kSize - 1) / L::kSize;
 }
 
-// Which of d_main, d_guide and the written x_next held a NaN or ±inf, over one thread's task:
-// v·0 is 0 for finite v and NaN otherwise, so each running sum of those (one FMA per vector) is
-// NaN exactly when one of its values was not finite.  One atomic OR per task, only when a bit is set.
+// Which of d_main, d_guide and the written x_next held a NaN or ±inf, over one thread's task.
+// Inputs: v·0 is 0 for finite v and NaN otherwise, so each running sum of those (one FMA per
+// vector) is NaN exactly when one of its values was not finite.  x_next: a mask of the lanes whose
+// every value stored finitely (in scalar_t: a float16 overflow is not finite).
 template <typename L>
 struct NonFiniteSums {
   using Math = typename L::Math;
-  Math main = Math(0), guide = Math(0), next = Math(0);
+  Math main = Math(0), guide = Math(0);
+  Math next_finite = Math(0) == Math(0);  // all bits set
 
   static void add(Math& sum, const Math* parts) {
     for (int k = 0; k < L::kParts; ++k) sum = at::vec::fmadd(parts[k], Math(0), sum);
   }
   void add_stored(const Math* next_parts) {
-    Math stored[L::kParts];
-    L::stored_values(next_parts, stored);
-    add(next, stored);
-  }
-  static int any_nan(const Math& sum) {
-    typename Math::value_type lanes[Math::size()];
-    sum.store(lanes);
-    return std::any_of(lanes, lanes + Math::size(), [](auto v) { return std::isnan(v); }) ? 1 : 0;
-  }
-  void report(int32_t* flags) const {
-    int bits = any_nan(main) | any_nan(guide) << 1 | any_nan(next) << 2;
-    if (bits != 0) __atomic_fetch_or(flags, bits, __ATOMIC_RELAXED);
+    for (int k = 0; k < L::kParts; ++k) next_finite = next_finite & (next_parts[k].abs() < L::stored_limit());
   }
 };
+
+template <typename Math>
+int any_nan(const Math& v) {
+  typename Math::value_type lanes[Math::size()];
+  v.store(lanes);
+  return std::any_of(lanes, lanes + Math::size(), [](auto lane) { return std::isnan(lane); }) ? 1 : 0;
+}
+
+template <typename Math>
+int all_nan(const Math& v) {
+  typename Math::value_type lanes[Math::size()];
+  v.store(lanes);
+  return std::all_of(lanes, lanes + Math::size(), [](auto lane) { return std::isnan(lane); }) ? 1 : 0;
+}
+
+// ORs the task's bits into *flags: one atomic, and only when a bit is set.  (The sums come by
+// value, so that the compiler keeps them in registers through the loop.)
+template <typename Math>
+void report_nonfinite(int32_t* flags, Math main, Math guide, Math next_finite) {
+  // (a mask lane with all bits set reads as a NaN; a cleared one as +0)
+  int bits = any_nan(main) | any_nan(guide) << 1 | (1 - all_nan(next_finite)) << 2;
+  if (bits != 0) __atomic_fetch_or(flags, bits, __ATOMIC_RELAXED);
+}
 
 // body(i, count, sums) for each chunk of L::kSize elements at i (count < kSize for the last),
 // the chunks split between threads; sums collects the non-finite bits when flags is not null.
@@ -144,7 +160,7 @@ void for_each_chunk(int64_t n, bool streaming, int32_t* flags, const Body& body)
       body(i, std::min(L::kSize, n - i), sums);
     }
     if (streaming) stream_fence();
-    if (flags != nullptr) sums.report(flags);
+    if (flags != nullptr) report_nonfinite(flags, sums.main, sums.guide, sums.next_finite);
   });
 }
 
