@@ -711,8 +711,9 @@ def test_property_all_ops_match_float64(case):
     noise = random_input(generator, shape, layout, dtype, device)
     d_guide = d_guide if case["with_guide"] else None
     w, t_cur, t_next, noise_scale = case["guidance"], case["t_cur"], case["t_next"], case["noise_scale"]
-    # (the second-order coefficients divide by log(t_cur / t_next): first order for a zero step)
-    sigma_prev = None if case["sigma_prev"] is None or t_next == t_cur else case["sigma_prev"] * t_cur
+    # (the second-order coefficients divide by log(t_cur) − log(t_next): first order where that is 0)
+    zero_step = math.log(t_cur) == math.log(t_next)
+    sigma_prev = None if case["sigma_prev"] is None or zero_step else case["sigma_prev"] * t_cur
     coefs = reference.dpmpp_2m_coefficients(sigma_prev, t_cur, t_next)
     expected_next, expected_deriv = euler64(x, d_main, d_guide, w, t_cur, t_next)
     expected_ancestral = euler64(x, d_main, d_guide, w, t_cur, t_next, noise, noise_scale)[0]
