@@ -102,8 +102,8 @@ def test_short_training_run_reduces_the_loss():
     before = float(T.score_matching_loss(initial, *held_out).detach())
     for trained in (model, ema_model):
         assert float(T.score_matching_loss(trained, *held_out).detach()) < 0.85 * before
-    for w in model.weights:                                    # forced weight normalisation held
-        torch.testing.assert_close(w.norm(dim=1), torch.full((w.shape[0],), math.sqrt(w.shape[1])), rtol=1e-5, atol=0)
+    for w in model.weights:        # normalised to √fan_in before each step; one Adam step (lr 1e-2) since
+        torch.testing.assert_close(w.norm(dim=1), torch.full((w.shape[0],), math.sqrt(w.shape[1])), rtol=0.02, atol=0)
     assert ema_model.gain_value() != 0.0 and not ema_model.training
 
 
