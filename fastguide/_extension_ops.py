@@ -41,3 +41,26 @@ def _guided_heun_fake(x, deriv, d_main, d_guide, guidance, t_cur, t_next):
 @torch.library.register_fake("fastguide::guided_heun_out")
 def _guided_heun_out_fake(x, deriv, d_main, d_guide, guidance, t_cur, t_next, *, out):
     return None
+
+
+# Interim: noise and flags on top of the Euler/Heun kernels, DPM-Solver++(2M) by the reference,
+# until the fused kernels that take them land.
+from fastguide import reference as _ref
+_old_euler, _old_heun = guided_euler, guided_heun
+
+
+def guided_euler(x, d_main, d_guide, guidance, t_cur, t_next, *, out, deriv_out, noise=None, noise_scale=0.0, flags=None):
+    _old_euler(x, d_main, d_guide, guidance, t_cur, t_next, out=out, deriv_out=deriv_out)
+    if noise is not None:
+        out.add_(noise, alpha=noise_scale)
+    _ref._flag(flags, d_main, d_guide, out)
+    return out, deriv_out
+
+
+def guided_heun(x, deriv, d_main, d_guide, guidance, t_cur, t_next, *, out, flags=None):
+    _old_heun(x, deriv, d_main, d_guide, guidance, t_cur, t_next, out=out)
+    _ref._flag(flags, d_main, d_guide, out)
+    return out
+
+
+guided_dpmpp_2m = _ref.guided_dpmpp_2m

@@ -3,31 +3,38 @@
 One guided evaluation needs D1 = net(x, σ, labels) and D0 = guide(x, σ, guide_labels); for CFG
 the guide is net itself with other labels.  Strategies (names in STRATEGIES):
 
-"separate"   two plain calls, one after the other.  Always applicable; the baseline.
+"separate"   two plain calls, one after the other.  Always applicable.
 "cfg-batch"  the guide is net itself (CFG): one call on the 2B batch [x; x] with
-             [labels; guide_labels]; the two halves are returned as views (no copy).
+             [labels; guide_labels] (every entry of a dict concatenated); the two halves are
+             returned as views (no copy).
 "stacked"    net and guide have the same architecture (same module classes, parameter and buffer
              names, shapes, dtypes and devices, same plain attributes): their parameters are
              stacked once (torch.func.stack_module_state) and one torch.func.vmap over
              torch.func.functional_call evaluates both; halves are views of the [2, B, ...] output.
-             The stacked copy (twice the parameter memory) is rebuilt when any parameter or
-             buffer of net or guide changes identity, storage (module.to) or version (in-place
-             updates: optimizer steps, load_state_dict).  It is detached: no gradient reaches the
-             parameters through it.  It assumes forward depends only on the class, the parameters,
+             The stacked copy (twice the parameter memory) is made afresh for every call, and
+             kept only for the duration of one sampler run (Evaluator.run): parameters written
+             between calls, in place, through .data or by load_state_dict, are always seen (no
+             change detection can see a write through .data).  It is detached: no gradient
+             reaches the parameters through it.  It assumes forward depends only on the class, the parameters,
              buffers and plain attributes (an attribute that differs is refused) and has no Python
              side effects (it runs on a parameter-free copy of net).  vmap refuses models that call
              autograd inside forward (fastguide.toy's ToyModel): "auto" then drops "stacked".
 "streams"    CUDA only: net on the current stream and the guide on a side stream, concurrently.
              On CPU tensors it is refused (use "separate", which is what "auto" does there).
-"auto"       times the applicable candidates (candidates()) once per input signature (shapes,
-             dtypes, device, grad mode) on the first real evaluations, taking turns (AutoTuner: no
-             extra model calls), caches the choice per net/guide pair across GuidedDenoiser
-             instances, and picks another strategy than "separate" only when it is clearly faster
-             (MARGIN).  The choice is in GuidedDenoiser.stats["strategy"] and in a debug line on
-             logging.getLogger("fastguide").
+"auto"       (the default) a fixed rule, so that the same call gives the same bits, first call
+             or not: "cfg-batch" for CFG (the guide is net itself), else "separate".
+"tune"       opt-in: times the applicable candidates (candidates()) once per input signature
+             (shapes, dtypes, device, grad mode) on the first evaluations (AutoTuner).  Every
+             tuning evaluation returns the "auto" strategy's outputs and runs one candidate
+             besides it (extra model calls while tuning); a candidate whose outputs differ from
+             those in a single bit is dropped, so the choice never changes results.  It caches
+             the choice per net/guide pair across GuidedDenoiser instances and picks another
+             strategy only when it is clearly faster (MARGIN).  The choice is in
+             GuidedDenoiser.stats["strategy"] and in a debug line on logging.getLogger("fastguide").
 
 Each strategy splits its work in two: `evaluate` (pure tensor code, what compile=True compiles)
-and `finish` (output checks, which need host syncs, and the split into (d_main, d_guide)).
+and `finish` (output checks of shape, dtype and device, and the split into (d_main, d_guide)).
+Inputs are validated once by the public faces (fastguide.sample, GuidedDenoiser); strategies trust them.
 """
 import copy
 import logging
@@ -38,8 +45,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-STRATEGIES = ("auto", "separate", "cfg-batch", "stacked", "streams")
-MARGIN = 0.9           # a candidate must take at most MARGIN × the "separate" time to be chosen
+from fastguide import conditioning
+
+STRATEGIES = ("auto", "tune", "separate", "cfg-batch", "stacked", "streams")
+MARGIN = 0.9           # a candidate must take at most MARGIN × the "auto" strategy's time to be chosen
 WARMUP_REPS, TIMED_REPS = 1, 4   # tuning rounds per candidate: untimed, then timed (best of)
 
 log = logging.getLogger("fastguide")
@@ -58,18 +67,14 @@ class Separate:
     def __init__(self, net, guide, check):
         self.net, self.guide, self.check = net, guide, check
 
-    def validate(self, x, labels, guide_labels):
-        pass
-
     def evaluate(self, x, sigma, labels, guide_labels):
-        return self.net(x, sigma, labels), self.guide(x, sigma, guide_labels)
+        return conditioning.call(self.net, x, sigma, labels), conditioning.call(self.guide, x, sigma, guide_labels)
 
     def finish(self, outputs, x):
         d_main, d_guide = outputs
         return self.check("net", d_main, x), self.check("guide", d_guide, x)
 
     def __call__(self, x, sigma, labels, guide_labels, evaluate=None):
-        self.validate(x, labels, guide_labels)
         return self.finish((evaluate or self.evaluate)(x, sigma, labels, guide_labels), x)
 
 
@@ -83,13 +88,9 @@ class CfgBatch(Separate):
                              "guide=None with guide_labels); got a separate guide network")
         super().__init__(net, guide, check)
 
-    def validate(self, x, labels, guide_labels):
-        if (labels is None) != (guide_labels is None):
-            raise ValueError("strategy 'cfg-batch' needs labels and guide_labels both given or both None")
-
     def evaluate(self, x, sigma, labels, guide_labels):
-        both_labels = None if labels is None else torch.cat([labels, guide_labels])
-        return (self.net(torch.cat([x, x]), torch.cat([sigma, sigma]), both_labels),)
+        both_labels = conditioning.cat(labels, guide_labels)
+        return (conditioning.call(self.net, torch.cat([x, x]), torch.cat([sigma, sigma]), both_labels),)
 
     def finish(self, outputs, x):
         batch = x.shape[0]
@@ -136,15 +137,6 @@ def architecture_difference(net, guide):
     return None
 
 
-def _tensor_state(tensor):
-    """What changes when a tensor is replaced, moved or updated in place."""
-    try:
-        version = tensor._version
-    except RuntimeError:  # inference tensors keep no version counter
-        version = None
-    return id(tensor), tensor.data_ptr(), version
-
-
 class Stacked(Separate):
     """One vmap over functional_call on the stacked parameters and buffers of net and guide."""
     name = "stacked"
@@ -155,17 +147,18 @@ class Stacked(Separate):
             raise ValueError(f"strategy 'stacked' needs net and guide of the same architecture: {difference}")
         super().__init__(net, guide, check)
         self.base = copy.deepcopy(net).to("meta")
-        self.state_key = None
+        self.pinned = False          # inside a sampler run: keep the stacked copy between evaluations
         self.params = self.buffers = None
 
-    def _current_key(self):
-        tensors = [*self.net.parameters(), *self.net.buffers(), *self.guide.parameters(), *self.guide.buffers()]
-        return tuple(_tensor_state(t) for t in tensors)
+    def begin_run(self):
+        self.pinned, self.params, self.buffers = True, None, None
 
-    def refresh(self):
-        """Re-stacks the parameters and buffers if any of them changed since the last stacking."""
-        key = self._current_key()
-        if key != self.state_key:
+    def end_run(self):
+        self.pinned, self.params, self.buffers = False, None, None
+
+    def stacked_state(self):
+        """The stacked parameters and buffers: made now, or kept from earlier in this run."""
+        if self.params is None or not self.pinned:
             with torch.no_grad():
                 params, buffers = torch.func.stack_module_state([self.net, self.guide])
             self.params = {k: v.detach() for k, v in params.items()}
@@ -173,28 +166,23 @@ class Stacked(Separate):
             for tensor in (*self.params.values(), *self.buffers.values()):
                 if tensor.is_cuda:  # CUDA graphs (compile=True) then read them in place instead of copying
                     torch._dynamo.mark_static_address(tensor)
-            self.state_key = self._current_key()  # the stacking itself leaves the originals unchanged
         return self.params, self.buffers
 
-    def validate(self, x, labels, guide_labels):
-        if (labels is None) != (guide_labels is None):
-            raise ValueError("strategy 'stacked' needs labels and guide_labels both given or both None")
-
     def _one(self, params, buffers, x, sigma, labels):
-        return torch.func.functional_call(self.base, (params, buffers), (x, sigma, labels))
+        return conditioning.call(lambda *args, **kwargs: torch.func.functional_call(self.base, (params, buffers),
+                                                                                    args, kwargs), x, sigma, labels)
 
     def evaluate(self, x, sigma, labels, guide_labels, params=None, buffers=None):
         if labels is None or labels is guide_labels:
             label_dim, both_labels = None, labels
         else:
-            label_dim, both_labels = 0, torch.stack([labels, guide_labels])
+            label_dim, both_labels = 0, conditioning.stack(labels, guide_labels)
         both = torch.func.vmap(self._one, in_dims=(0, 0, None, None, label_dim))(
             params, buffers, x, sigma, both_labels)
         return both[0], both[1]
 
     def __call__(self, x, sigma, labels, guide_labels, evaluate=None):
-        self.validate(x, labels, guide_labels)
-        params, buffers = self.refresh()
+        params, buffers = self.stacked_state()
         outputs = (evaluate or self.evaluate)(x, sigma, labels, guide_labels, params, buffers)
         return self.finish(outputs, x)
 
@@ -207,24 +195,23 @@ class Streams(Separate):
         super().__init__(net, guide, check)
         self.side = None
 
-    def validate(self, x, labels, guide_labels):
+    def evaluate(self, x, sigma, labels, guide_labels):
         if x.device.type != "cuda":
             raise ValueError(f"strategy 'streams' runs on CUDA tensors, got x on {x.device} "
                              "(use 'separate' or 'auto' on CPU)")
-
-    def evaluate(self, x, sigma, labels, guide_labels):
         main = torch.cuda.current_stream(x.device)
         if self.side is None or self.side.device != x.device:
             self.side = torch.cuda.Stream(x.device)
         self.side.wait_stream(main)
         with torch.cuda.stream(self.side):
-            d_guide = self.guide(x, sigma, guide_labels)
-        d_main = self.net(x, sigma, labels)
+            d_guide = conditioning.call(self.guide, x, sigma, guide_labels)
+        d_main = conditioning.call(self.net, x, sigma, labels)
         main.wait_stream(self.side)
         # The allocator must not reuse memory across streams before both are done with it.
-        for tensor in (x, sigma, labels, guide_labels):
-            if tensor is not None:
-                tensor.record_stream(self.side)
+        for cond in (x, sigma, labels, guide_labels):
+            for tensor in (cond.values() if isinstance(cond, dict) else [cond]):
+                if tensor is not None:
+                    tensor.record_stream(self.side)
         if isinstance(d_guide, torch.Tensor):
             d_guide.record_stream(main)
         return d_main, d_guide
@@ -233,11 +220,16 @@ class Streams(Separate):
 CLASSES = {cls.name: cls for cls in (Separate, CfgBatch, Stacked, Streams)}
 
 
+def default_strategy(net, guide):
+    """What "auto" runs: one 2B batch for CFG (the guide is net itself), else two calls."""
+    return "cfg-batch" if guide is net else "separate"
+
+
 def candidates(net, guide, device):
-    """The strategy names that apply to (net, guide) on `device`, "separate" first."""
-    names = ["separate"]
+    """The strategy names that apply to (net, guide) on `device`, the "auto" one first."""
+    names = [default_strategy(net, guide)]
     if guide is net:
-        names.append("cfg-batch")
+        names.append("separate")
     elif architecture_difference(net, guide) is None:
         names.append("stacked")
     if torch.device(device).type == "cuda":
@@ -245,16 +237,11 @@ def candidates(net, guide, device):
     return names
 
 
-def _signature(tensor):
-    if tensor is None:
-        return None
-    return tuple(tensor.shape), tensor.dtype, tensor.device
-
-
 def input_key(x, labels, guide_labels):
-    """What the auto choice depends on: shapes, dtypes and device of the inputs, and grad mode."""
+    """What the tuned choice depends on: shapes, dtypes and device of the inputs, and grad mode."""
     same_labels = labels is guide_labels
-    return _signature(x), _signature(labels), same_labels or _signature(guide_labels), torch.is_grad_enabled()
+    return (conditioning.signature(x), conditioning.signature(labels),
+            same_labels or conditioning.signature(guide_labels), torch.is_grad_enabled())
 
 
 def _synchronize(device):
@@ -262,18 +249,22 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
-class AutoTuner:
-    """Times the candidate strategies on real evaluations, then settles on one.
+def _same_bits(a, b):
+    return all(torch.equal(u, v) for u, v in zip(a, b))
 
-    The first evaluations with one input key take turns over the candidates (WARMUP_REPS untimed
-    rounds, then TIMED_REPS timed ones); each turn's result is the evaluation's result, so tuning
-    calls net and guide no more often than any other strategy.  Then `choice` is the fastest
-    candidate (best time of its rounds) if it takes at most MARGIN × the time of "separate", else
-    "separate".  A candidate that raises is dropped and the evaluation is redone with "separate".
+
+class AutoTuner:
+    """Times the candidate strategies on the first evaluations, then settles on one (strategy="tune").
+
+    names[0] is the baseline, the strategy "auto" runs.  Each tuning evaluation runs the baseline
+    (its outputs are the evaluation's result) and one other candidate in turn, WARMUP_REPS untimed
+    rounds then TIMED_REPS timed ones; a candidate that raises, or whose outputs differ from the
+    baseline's in any bit, is dropped.  Then `choice` is the fastest candidate (best time) if it
+    takes at most MARGIN × the baseline's time, else the baseline: results never depend on it.
     """
 
     def __init__(self, names):
-        self.names = list(names)              # "separate" first
+        self.names = list(names)
         self.times = {name: [] for name in self.names}
         self.turn = 0
         self.choice = self.names[0] if len(self.names) == 1 else None
@@ -283,27 +274,29 @@ class AutoTuner:
         return {name: 1e3 * min(t) for name, t in self.times.items() if t}
 
     def evaluate(self, strategies, x, sigma, labels, guide_labels):
-        """(name of the strategy used, (d_main, d_guide)) for one evaluation during tuning."""
-        name = self.names[self.turn % len(self.names)]
-        timed = self.turn >= WARMUP_REPS * len(self.names)
+        """(name of the strategy whose outputs are returned, (d_main, d_guide)) for one tuning evaluation."""
+        baseline, others = self.names[0], self.names[1:]
+        if not others:
+            return baseline, strategies[baseline](x, sigma, labels, guide_labels)
+        name = others[self.turn % len(others)]
+        timed = self.turn >= WARMUP_REPS * len(others)
+        outputs, seconds = _timed(strategies[baseline], x, sigma, labels, guide_labels)
         try:
-            _synchronize(x.device)
-            start = time.perf_counter()
-            outputs = strategies[name](x, sigma, labels, guide_labels)
-            _synchronize(x.device)
-            seconds = time.perf_counter() - start
+            candidate_outputs, candidate_seconds = _timed(strategies[name], x, sigma, labels, guide_labels)
+            same = _same_bits(outputs, candidate_outputs)
         except Exception as exc:  # noqa: BLE001 -- a candidate that cannot run is dropped, not fatal
-            if name == "separate":
-                raise
-            log.debug("fastguide auto: strategy %r dropped: %s: %s", name, type(exc).__name__, exc)
+            log.debug("fastguide tune: strategy %r dropped: %s: %s", name, type(exc).__name__, exc)
+            same = False
+        if not same:
             self._drop(name)
-            return "separate", strategies["separate"](x, sigma, labels, guide_labels)
+            return baseline, outputs
         if timed:
-            self.times[name].append(seconds)
+            self.times[baseline].append(seconds)
+            self.times[name].append(candidate_seconds)
         self.turn += 1
-        if self.turn >= (WARMUP_REPS + TIMED_REPS) * len(self.names):
+        if self.turn >= (WARMUP_REPS + TIMED_REPS) * len(others):
             self._settle(x)
-        return name, outputs
+        return baseline, outputs
 
     def _drop(self, name):
         """Leaves `name` out and starts the rounds again with the other candidates."""
@@ -315,10 +308,19 @@ class AutoTuner:
 
     def _settle(self, x):
         timings = self.timings_ms
+        baseline = self.names[0]
         best = min(timings, key=timings.get)
-        self.choice = best if timings[best] <= MARGIN * timings["separate"] else "separate"
-        log.debug("fastguide auto: chose %r for x %s %s on %s; best times (ms): %s", self.choice, tuple(x.shape),
+        self.choice = best if timings[best] <= MARGIN * timings[baseline] else baseline
+        log.debug("fastguide tune: chose %r for x %s %s on %s; best times (ms): %s", self.choice, tuple(x.shape),
                   x.dtype, x.device, {k: round(v, 3) for k, v in timings.items()})
+
+
+def _timed(strategy, x, sigma, labels, guide_labels):
+    _synchronize(x.device)
+    start = time.perf_counter()
+    outputs = strategy(x, sigma, labels, guide_labels)
+    _synchronize(x.device)
+    return outputs, time.perf_counter() - start
 
 
 class _TunerCache:

@@ -6,7 +6,7 @@ under TRITON_INTERPRET=1).  "auto" picks, per device, the fastest one available.
 
 A family is a set of ops with one module per backend that implements them all with one
 signature.  fastguide's own family is "guided" (the fused guidance + solver epilogues); other
-packages (fastguide.toy, say) add theirs with register_family and ask resolve/implementation
+packages built on fastguide add theirs with register_family and ask resolve/implementation
 for it: nothing here knows them.
 """
 import dataclasses

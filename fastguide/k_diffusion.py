@@ -1,17 +1,19 @@
-"""Drop-ins for k-diffusion's sample_euler and sample_heun, running on fastguide's fused ops.
+"""Drop-ins for k-diffusion's sample_euler, sample_heun, sample_dpmpp_2m and sample_euler_ancestral,
+on fastguide's sampler core.
 
-Same signature, call convention (model(x, sigma * s_in, **extra_args) with s_in = x.new_ones([B])),
+Same signatures, call convention (model(x, sigma * s_in, **extra_args) with s_in = x.new_ones([B])),
 churn, callback dict and progress bar as k_diffusion.sampling.  When `model` is a GuidedDenoiser its
-two predictions go to the fused ops separately, so the guidance combination costs no extra pass;
-any other model's D goes in alone.  The input x is not modified; the callback gets copies, as
-k-diffusion's callbacks may keep them.
+two predictions go to the fused epilogue separately, so the guidance combination costs no extra
+pass; any other model's D goes in alone.  The input x is not modified; the callback gets copies,
+as k-diffusion's callbacks may keep them.
 """
-import math
 
 import torch
 
-from fastguide import ops, reference
-from fastguide.guidance import GuidedDenoiser, check_output
+from fastguide import core, dispatch, ops, plan
+from fastguide.evaluator import Evaluator
+from fastguide.guidance import GuidedDenoiser, check_x
+from fastguide.sampler import check_callable, check_sigmas
 
 LABEL_KEYS = ("labels", "class_labels", "cond")
 
@@ -19,79 +21,72 @@ LABEL_KEYS = ("labels", "class_labels", "cond")
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1.):
     """Euler steps over sigmas (Algorithm 2 of Karras et al. 2022 with Euler only), as k-diffusion's."""
-    return _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, heun=False)
+    churn = _check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    return _sample(model, x, sigmas, extra_args, callback, disable, "euler", churn)
 
 
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                 s_tmax=float('inf'), s_noise=1.):
     """Heun steps over sigmas (Algorithm 2 of Karras et al. 2022), an Euler step where sigma_next == 0."""
-    return _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, heun=True)
+    churn = _check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    return _sample(model, x, sigmas, extra_args, callback, disable, "heun", churn)
 
 
-def _check_inputs(model, x, sigmas, extra_args, callback):
-    if not callable(model):
-        raise TypeError(f"model must be callable, got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or x.dtype not in ops.SUPPORTED_DTYPES or x.ndim < 1 or x.shape[0] < 1:
-        raise TypeError(f"x must be a tensor [B, ...] with a dtype in {ops.SUPPORTED_DTYPES}, got "
-                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(f"sigmas must be a 1-D tensor of at least 2 noise levels, got "
-                         f"{tuple(sigmas.shape) if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__}")
-    values = sigmas.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(values).all()) or not bool((values[:-1] > 0).all()) or values[-1] < 0:
-        raise ValueError("sigmas must be finite, > 0 except the last, and the last >= 0")
-    if extra_args is not None and not isinstance(extra_args, dict):
-        raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-    return values.tolist()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """DPM-Solver++(2M) over sigmas, as k-diffusion's (one evaluation per step)."""
+    return _sample(model, x, sigmas, extra_args, callback, disable, "dpmpp_2m", {})
+
+
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                           noise_sampler=None):
+    """Ancestral Euler steps over sigmas, as k-diffusion's: noise from noise_sampler(sigma, sigma_next)
+    (default: torch.randn_like) where sigma_next > 0, scaled by s_noise·σ_up."""
+    options = dict(eta=ops.check_real("eta", eta, minimum=0.0, strict=False), S_noise=ops.check_real("s_noise", s_noise))
+    check_callable("noise_sampler", noise_sampler)
+    randn = None if noise_sampler is None else lambda x_, step: noise_sampler(step.sigma, step.sigma_next)
+    return _sample(model, x, sigmas, extra_args, callback, disable, "euler_ancestral", options, randn)
+
+
+def _check_churn(s_churn, s_tmin, s_tmax, s_noise):
+    return dict(S_churn=ops.check_real("s_churn", s_churn, minimum=0.0, strict=False),
+                S_min=ops.check_real("s_tmin", s_tmin, finite=False),
+                S_max=ops.check_real("s_tmax", s_tmax, finite=False), S_noise=ops.check_real("s_noise", s_noise))
 
 
 @torch.no_grad()  # as k-diffusion's samplers; a model that needs autograd enables it itself
-def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, heun):
-    t_steps = _check_inputs(model, x, sigmas, extra_args, callback)
-    s_churn = ops.check_real("s_churn", s_churn, minimum=0.0, strict=False)
-    s_noise = ops.check_real("s_noise", s_noise)
-    s_tmin = ops.check_real("s_tmin", s_tmin, finite=False)
-    s_tmax = ops.check_real("s_tmax", s_tmax, finite=False)
-    predict = _predictor(model, x, extra_args or {})
-    num_steps = len(t_steps) - 1
-    x_cur = x.clone(memory_format=torch.contiguous_format)
-    x_next, deriv = torch.empty_like(x_cur), torch.empty_like(x_cur)
-    from tqdm.auto import trange
-    for i in trange(num_steps, disable=disable):
-        t_cur, t_next = t_steps[i], t_steps[i + 1]
-        gamma = reference.churn_gamma(t_cur, num_steps, s_churn, s_tmin, s_tmax)
-        t_hat = t_cur * (gamma + 1)
-        if gamma > 0:
-            x_cur.add_(torch.randn_like(x_cur) * s_noise, alpha=math.sqrt(t_hat ** 2 - t_cur ** 2))
-        d_main, d_guide, guidance = predict(x_cur, t_hat)
-        if callback is not None:
-            callback({'x': x_cur.clone(), 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas.new_tensor(t_hat),
-                      'denoised': reference.guide(d_main, d_guide, guidance)})
-        ops.guided_euler(x_cur, d_main, d_guide, guidance, t_hat, t_next, out=x_next, deriv_out=deriv)
-        if heun and t_next != 0:
-            d_main, d_guide, guidance = predict(x_next, t_next)
-            ops.guided_heun(x_cur, deriv, d_main, d_guide, guidance, t_hat, t_next, out=x_next)
-        x_cur, x_next = x_next, x_cur
-    return x_cur
+def _sample(model, x, sigmas, extra_args, callback, disable, solver, options, randn=None):
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    check_x(x)
+    t_steps = check_sigmas(sigmas, end_in_zero=False)
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
+    check_callable("callback", callback)
+    evaluator, labels, guidance, guided_at = _evaluation(model, x, extra_args or {})
+    run_plan = plan.build(t_steps, solver, guided_at, **options)
+    backend = dispatch.implementation(dispatch.resolve("auto", x.device))
+    x_start = x.clone(memory_format=torch.contiguous_format)
+    randn = randn or (lambda x_, step: torch.randn_like(x_))
+    from tqdm.auto import tqdm
+    with tqdm(total=run_plan.num_steps, disable=disable) as bar:
+        def on_step(info):
+            if callback is not None:
+                callback({'x': info["x_hat"].clone(), 'i': info["i"], 'sigma': sigmas[info["i"]],
+                          'sigma_hat': sigmas.new_tensor(info["sigma_hat"]), 'denoised': info["denoised"].clone()})
+            bar.update(1)
+        return core.run(run_plan, evaluator, x_start, labels, guidance, backend, randn=randn, callback=on_step)
 
 
-def _predictor(model, x, extra_args):
-    """predict(x, sigma) -> (d_main, d_guide, guidance) for the fused ops."""
+def _evaluation(model, x, extra_args):
+    """(evaluator, labels, guidance, guided_at) for a GuidedDenoiser or a plain k-diffusion model."""
     if isinstance(model, GuidedDenoiser):
         labels = _guided_labels(extra_args)
+        model.check_labels(labels, x.shape[0])
+        return model.evaluator, labels, model.guidance, model.guided_at
 
-        def predict_guided(x_in, sigma):
-            d_main, d_guide = model.predictions(x_in, sigma, labels)
-            return d_main, d_guide, model.guidance
-        return predict_guided
-
-    s_in = x.new_ones([x.shape[0]])
-
-    def predict(x_in, sigma):
-        return check_output("model", model(x_in, sigma * s_in, **extra_args), x_in), None, 1.0
-    return predict
+    def plain(x_in, sigma, labels):
+        return model(x_in, sigma, **extra_args)
+    return Evaluator(plain, net_name="model"), None, 1.0, lambda sigma: False
 
 
 def _guided_labels(extra_args):

@@ -1,32 +1,38 @@
-"""The guided EDM sampler (Karras et al. 2022) with guidance (CFG, autoguidance, interval).
+"""fastguide.sample and edm_sampler: the guided EDM sampler's public faces.
 
-Per step: optional churn t_cur -> t_hat, one guided evaluation at t_hat and the fused Euler
-update; then (Heun, except on the last step) one guided evaluation at t_next and the fused
-correction.  Two x buffers and one deriv buffer are allocated once and passed as out=.
+They validate every argument once, before the first model call, build the plan (fastguide.plan)
+and hand it to the core loop (fastguide.core) with the evaluator of a GuidedDenoiser and the
+backend's fused epilogues (fastguide.dispatch).
 """
 import math
 import numbers
 
 import torch
 
-from fastguide import dispatch, ops, reference
-from fastguide.guidance import DenoiserOutputError, GuidedDenoiser, check_labels
+from fastguide import core, dispatch, ops, plan, reference
+from fastguide.guidance import GuidedDenoiser
 
-SOLVERS = ("euler", "heun")
+SOLVERS = plan.SOLVERS
+EDM = plan.EDM_DEFAULTS
 
 
-def check_sigmas(sigmas):
-    """A custom schedule: a finite, strictly decreasing 1-D tensor of noise levels ending in 0."""
+def check_sigmas(sigmas, *, end_in_zero=True):
+    """A custom schedule as a list of floats: a finite, strictly decreasing 1-D tensor of at least
+    2 noise levels, > 0 except the last, which is 0 (or >= 0 when end_in_zero is False)."""
     if not isinstance(sigmas, torch.Tensor):
         raise TypeError(f"sigmas must be a tensor, got {type(sigmas).__name__}")
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D tensor of at least 2 noise levels, got shape {tuple(sigmas.shape)}")
-    values = sigmas.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(values).all()):
+    if sigmas.numel() > plan.MAX_STEPS + 1:
+        raise ValueError(f"sigmas holds {sigmas.numel()} noise levels; at most {plan.MAX_STEPS + 1} are supported")
+    values = sigmas.detach().to("cpu", torch.float64).tolist()
+    if not all(math.isfinite(v) for v in values):
         raise ValueError("sigmas must be finite")
-    if values[-1] != 0:
-        raise ValueError(f"sigmas must end in 0, got {values[-1].item()}")
-    if not bool((values[1:] < values[:-1]).all()):
+    if not all(v > 0 for v in values[:-1]) or values[-1] < 0:
+        raise ValueError(f"sigmas must be finite, > 0 except the last, and the last >= 0, got {values}")
+    if end_in_zero and values[-1] != 0:
+        raise ValueError(f"sigmas must end in 0, got {values[-1]}")
+    if not all(a > b for a, b in zip(values[:-1], values[1:])):
         raise ValueError("sigmas must be strictly decreasing")
     return values
 
@@ -34,9 +40,11 @@ def check_sigmas(sigmas):
 def schedule(num_steps, sigma_min, sigma_max, rho, sigmas=None):
     """The noise levels t_0 > ... > t_{N-1} > t_N = 0 as a list of floats, validated."""
     if sigmas is not None:
-        return check_sigmas(sigmas).tolist()
+        return check_sigmas(sigmas)
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if num_steps > plan.MAX_STEPS:
+        raise ValueError(f"num_steps must be at most {plan.MAX_STEPS}, got {num_steps}")
     sigma_min = ops.check_real("sigma_min", sigma_min, minimum=0.0)
     sigma_max = ops.check_real("sigma_max", sigma_max)
     if sigma_min >= sigma_max:
@@ -45,7 +53,8 @@ def schedule(num_steps, sigma_min, sigma_max, rho, sigmas=None):
     return reference.edm_sigmas(int(num_steps), sigma_min, sigma_max, rho).tolist()
 
 
-def _check_noise(noise, dtype):
+def check_noise(noise, dtype):
+    """noise: a finite floating-point tensor [B, ...] (one host read: the finiteness check)."""
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point tensor, got "
                         f"{noise.dtype if isinstance(noise, torch.Tensor) else type(noise).__name__}")
@@ -53,123 +62,81 @@ def _check_noise(noise, dtype):
         raise ValueError(f"noise must have a batch dimension of at least 1, got shape {tuple(noise.shape)}")
     if dtype not in ops.SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be one of {ops.SUPPORTED_DTYPES}, got {dtype}")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise must be finite; it holds NaN or inf")
+
+
+def check_solver(solver, S_churn, eta):
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if S_churn > 0 and solver not in ("euler", "heun"):
+        raise ValueError(f"S_churn={S_churn} applies to the 'euler' and 'heun' solvers only, not {solver!r}")
+    eta = ops.check_real("eta", eta, minimum=0.0, strict=False)
+    if eta != 1.0 and solver != "euler_ancestral":
+        raise ValueError(f"eta={eta} applies to solver='euler_ancestral' only, not {solver!r}")
+    return eta
+
+
+def check_callable(name, fn, optional=True):
+    if (fn is not None or not optional) and not callable(fn):
+        raise TypeError(f"{name} must be callable{' or None' if optional else ''}, got {type(fn).__name__}")
 
 
 def sample(net, noise, *, labels=None, guide=None, guide_labels=None, guidance=1.0, guidance_interval=None,
-           num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigmas=None, solver="heun",
-           S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, randn_like=None,
-           dtype=torch.float32, backend="auto", progress=False, callback=None, return_stats=False,
-           strategy="auto", compile=False):
-    """Draws samples from noise with the guided EDM sampler.
+           num_steps=EDM["num_steps"], sigma_min=EDM["sigma_min"], sigma_max=EDM["sigma_max"], rho=EDM["rho"],
+           sigmas=None, solver="heun", S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, eta=1.0,
+           randn_like=None, dtype=torch.float32, backend="auto", progress=False, callback=None,
+           return_stats=False, strategy="auto", compile=False):
+    """Draws samples from noise with the guided sampler.
 
     net, guide: denoisers (x, sigma[B], labels) -> D(x).  guidance=w: D = D0 + w·(D1 − D0).
-    guide_labels without guide: classifier-free guidance on one 2B batch of net.
+    guide_labels without guide: classifier-free guidance on one 2B batch of net.  labels,
+    guide_labels: a tensor or a dict of tensors (keyword arguments of the model), batched on dim 0.
+    solver: "heun" (EDM's default), "euler", "dpmpp_2m" or "euler_ancestral" (eta, S_noise; noise
+    from randn_like); churn (S_churn, S_min, S_max, S_noise) with Euler and Heun only.
     Returns x, or (x, stats) with evaluations per sample of net and guide when return_stats.
     strategy, compile: how net and guide are evaluated together (see GuidedDenoiser).
-    The callback's x and denoised are the sampler's buffers: clone them to keep them.
+    The callback's x, x_hat and denoised are the sampler's buffers: clone them to keep them.
     """
     denoiser = GuidedDenoiser(net, guide, guidance=guidance, guide_labels=guide_labels,
                               guidance_interval=guidance_interval, strategy=strategy, compile=compile)
     return run_sampler(denoiser, noise, labels=labels, num_steps=num_steps, sigma_min=sigma_min,
                        sigma_max=sigma_max, rho=rho, sigmas=sigmas, solver=solver, S_churn=S_churn,
-                       S_min=S_min, S_max=S_max, S_noise=S_noise, randn_like=randn_like, dtype=dtype,
+                       S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta, randn_like=randn_like, dtype=dtype,
                        backend=backend, progress=progress, callback=callback, return_stats=return_stats)
 
 
-def run_sampler(denoiser, noise, *, labels=None, num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
-                sigmas=None, solver="heun", S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0,
-                randn_like=None, dtype=torch.float32, backend="auto", progress=False, callback=None,
-                return_stats=False):
-    """The sampler loop over a GuidedDenoiser (validated before the first denoiser call)."""
-    _check_noise(noise, dtype)
-    batch = noise.shape[0]
-    check_labels("labels", labels, batch)
-    check_labels("guide_labels", denoiser.guide_labels, batch)
-    if denoiser.guide is None and denoiser.guide_labels is not None and labels is None:
-        raise ValueError("guide_labels (CFG with the same net) needs labels for the conditional half")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    t_steps = schedule(num_steps, sigma_min, sigma_max, rho, sigmas)
-    num_steps = len(t_steps) - 1
+def run_sampler(denoiser, noise, *, labels=None, num_steps=EDM["num_steps"], sigma_min=EDM["sigma_min"],
+                sigma_max=EDM["sigma_max"], rho=EDM["rho"], sigmas=None, solver="heun", S_churn=0.0, S_min=0.0,
+                S_max=float("inf"), S_noise=1.0, eta=1.0, randn_like=None, dtype=torch.float32, backend="auto",
+                progress=False, callback=None, return_stats=False):
+    """The sampler over a GuidedDenoiser: validates, plans, runs the core loop."""
+    check_noise(noise, dtype)
+    denoiser.check_labels(labels, noise.shape[0])
     S_churn = ops.check_real("S_churn", S_churn, minimum=0.0, strict=False)
+    eta = check_solver(solver, S_churn, eta)
+    t_steps = schedule(num_steps, sigma_min, sigma_max, rho, sigmas)
     S_noise = ops.check_real("S_noise", S_noise)
     S_min = ops.check_real("S_min", S_min, finite=False)
     S_max = ops.check_real("S_max", S_max, finite=False)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    check_callable("callback", callback)
     randn_like = torch.randn_like if randn_like is None else randn_like
-    if not callable(randn_like):
-        raise TypeError(f"randn_like must be callable, got {type(randn_like).__name__}")
+    check_callable("randn_like", randn_like, optional=False)
     backend = dispatch.resolve(backend, noise.device)
 
-    denoiser.reset_stats()
-    check_finite, denoiser.check_finite = denoiser.check_finite, False  # checked once per step instead
-    try:
-        with torch.no_grad():  # a denoiser that needs autograd (e.g. an energy model) enables it itself
-            x = _loop(denoiser, noise.to(dtype), labels, t_steps, solver, (S_churn, S_min, S_max, S_noise),
-                      randn_like, dispatch.implementation(backend), progress, callback, check_finite)
-    finally:
-        denoiser.check_finite = check_finite
+    run_plan = plan.build(t_steps, solver, denoiser.guided_at, S_churn=S_churn, S_min=S_min, S_max=S_max,
+                          S_noise=S_noise, eta=eta)
+    with torch.no_grad():  # a denoiser that needs autograd (e.g. an energy model) enables it itself
+        x = core.run(run_plan, denoiser.evaluator, noise.to(dtype) * t_steps[0], labels, denoiser.guidance,
+                     dispatch.implementation(backend), randn=lambda x, step: randn_like(x), callback=callback,
+                     progress=progress, check_finite=denoiser.check_finite)
     if return_stats:
-        return x, dict(denoiser.stats, steps=num_steps, solver=solver, backend=backend)
+        return x, dict(denoiser.stats, steps=run_plan.num_steps, solver=solver, backend=backend)
     return x
 
 
-def _loop(denoiser, noise, labels, t_steps, solver, churn, randn_like, ops_impl, progress, callback, check_finite):
-    """The steps themselves; inputs are validated, and every prediction's shape, dtype and device
-    are checked by the denoiser, so the backend's ops are called directly into buffers allocated
-    here once.  Finiteness is checked once per step on x (any non-finite prediction reaches it):
-    one reduction and one device sync per step instead of one per prediction."""
-    S_churn, S_min, S_max, S_noise = churn
-    num_steps = len(t_steps) - 1
-    guidance = denoiser.guidance
-    x_cur = noise * t_steps[0]
-    x_next = torch.empty_like(x_cur)
-    deriv = torch.empty_like(x_cur)
-    steps = range(num_steps)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="sampling", unit="step")
-    for i in steps:
-        t_cur, t_next = t_steps[i], t_steps[i + 1]
-        gamma = reference.churn_gamma(t_cur, num_steps, S_churn, S_min, S_max)
-        t_hat = t_cur + gamma * t_cur
-        if gamma > 0:
-            x_cur.add_(randn_like(x_cur), alpha=math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise)
-        predictions = [("Euler", t_hat, *_predict(denoiser, "Euler", i, x_cur, t_hat, labels))]
-        ops_impl.guided_euler(x_cur, *predictions[0][2:], guidance, t_hat, t_next, out=x_next, deriv_out=deriv)
-        if solver == "heun" and i < num_steps - 1:
-            predictions.append(("Heun", t_next, *_predict(denoiser, "Heun", i, x_next, t_next, labels)))
-            ops_impl.guided_heun(x_cur, deriv, *predictions[1][2:], guidance, t_hat, t_next, out=x_next)
-        if check_finite and not bool(torch.isfinite(x_next).all()):
-            _raise_non_finite(i, predictions, "guide" if denoiser.guide is not None else "net (guide_labels)")
-        if callback is not None:
-            callback(dict(i=i, sigma=t_cur, sigma_hat=t_hat, sigma_next=t_next, x=x_next,
-                          denoised=x_cur - t_hat * deriv))
-        x_cur, x_next = x_next, x_cur
-    return x_cur
-
-
-def _raise_non_finite(i, predictions, guide_name):
-    """Names the prediction that made x non-finite at step i (or the step itself, if none did)."""
-    for stage, sigma, d_main, d_guide in predictions:
-        for name, prediction in (("net", d_main), (guide_name, d_guide)):
-            if prediction is not None and not bool(torch.isfinite(prediction).all()):
-                raise DenoiserOutputError(f"step {i} ({stage} evaluation at sigma={sigma:.6g}): "
-                                          f"{name} returned non-finite values (NaN or inf)")
-    raise FloatingPointError(f"step {i}: x became non-finite (NaN or inf) from finite predictions; "
-                             "the values overflow the sampling dtype")
-
-
-def _predict(denoiser, stage, i, x, sigma, labels):
-    try:
-        return denoiser.predictions(x, sigma, labels)
-    except DenoiserOutputError as exc:
-        raise DenoiserOutputError(f"step {i} ({stage} evaluation at sigma={sigma:.6g}): {exc}") from None
-
-
-def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
-                guidance=1, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1, dtype=torch.float32,
+def edm_sampler(net, noise, labels=None, gnet=None, num_steps=EDM["num_steps"], sigma_min=EDM["sigma_min"],
+                sigma_max=EDM["sigma_max"], rho=EDM["rho"], guidance=1, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1, dtype=torch.float32,
                 randn_like=torch.randn_like):
     """Drop-in for EDM2's edm_sampler (same signature, defaults and results), on fastguide's fused ops.
 

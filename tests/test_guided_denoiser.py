@@ -152,3 +152,35 @@ def test_cfg_without_labels_is_refused():
     denoiser = fastguide.GuidedDenoiser(MLPDenoiser(), guide_labels=torch.zeros(2, dtype=torch.long), guidance=2.0)
     with pytest.raises(ValueError, match="needs labels for the conditional half"):
         denoiser(torch.randn(2, 6), 1.0)
+
+
+def test_predictions_take_a_batch_of_sigmas_the_documented_convention():
+    """Issue 12: a [B] sigma tensor used to fail with "full(): fill_value must be Number"."""
+    net = MLPDenoiser(seed=1).eval()
+    x, sigma, labels = make_inputs("mlp", 3, labels=True)
+    denoiser = fastguide.GuidedDenoiser(net, MLPDenoiser(seed=2).eval(), guidance=2.0)
+    expected = denoiser.predictions(x, 1.5, labels)
+    for sigma in (torch.full((3,), 1.5), torch.tensor(1.5), torch.tensor([1.5]), 1.5, 3 / 2):
+        got = denoiser.predictions(x, sigma, labels)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("sigma, error", [
+    (-1.0, ValueError), (0.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+    ("1.5", TypeError), (True, TypeError), (torch.ones(2), ValueError), (torch.ones(3, 1), ValueError),
+    (torch.tensor([1.0, 2.0, 1.0]), ValueError), (torch.tensor([-1.0, -1.0, -1.0]), ValueError),
+    (torch.ones(3, dtype=torch.bool), TypeError),
+])
+def test_bad_sigma_is_refused_naming_sigma_before_any_call(sigma, error):
+    calls = []
+
+    def net(x, s, labels):
+        calls.append(s)
+        return x
+
+    denoiser = fastguide.GuidedDenoiser(net, net, guidance=2.0)
+    with pytest.raises(error, match="sigma"):
+        denoiser.predictions(torch.randn(3, 4), sigma)
+    with pytest.raises(error, match="sigma"):
+        denoiser(torch.randn(3, 4), sigma)
+    assert calls == []

@@ -121,6 +121,9 @@ def test_bad_input(generator):
         sample_euler(net, x, torch.tensor([2.0, 0.0, 0.0]))
     with pytest.raises(ValueError, match="sigmas must be finite"):
         sample_heun(net, x, torch.tensor([float("nan"), 0.0]))
+    for increasing in (torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.5, 1.0]), torch.tensor([2.0, 2.0, 0.0])):
+        with pytest.raises(ValueError, match="sigmas must be strictly decreasing"):  # issue 12: once accepted
+            sample_euler(net, x, increasing)
     with pytest.raises(TypeError, match="model must be callable"):
         sample_euler(3, x, sigmas)
     with pytest.raises(TypeError, match="x must be a tensor"):

@@ -16,11 +16,8 @@ def edm_schedule(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     return steps + [0.0]
 
 
-def expected_run(net, guide, noise, t_steps, *, guidance=1.0, interval=None, solver="heun",
-                 S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, draws=None):
-    """The sampler written out from the formulas, in float64, with one plain call per model."""
-    num_steps = len(t_steps) - 1
-
+def guided_denoiser(net, guide, guidance, interval):
+    """denoise(x, σ): the guided D written out plainly, one call per model."""
     def denoise(x, sigma):
         sigma_vec = torch.full((x.shape[0],), sigma, dtype=x.dtype)
         d_main = net(x, sigma_vec, None)
@@ -28,7 +25,14 @@ def expected_run(net, guide, noise, t_steps, *, guidance=1.0, interval=None, sol
             return d_main
         d_guide = guide(x, sigma_vec, None)
         return d_guide + guidance * (d_main - d_guide)
+    return denoise
 
+
+def expected_run(net, guide, noise, t_steps, *, guidance=1.0, interval=None, solver="heun",
+                 S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, draws=None):
+    """The sampler written out from the formulas, in float64, with one plain call per model."""
+    num_steps = len(t_steps) - 1
+    denoise = guided_denoiser(net, guide, guidance, interval)
     x = noise.double() * t_steps[0]
     draws = iter(draws or [])
     for i in range(num_steps):
@@ -159,11 +163,14 @@ def test_samples_match_gaussian_moments():
     assert torch.allclose(x.std(0), torch.full((2,), std), atol=5 * std / (2 * n) ** 0.5)
 
 
-def test_callback_and_progress():
+def test_callback_and_progress(capfd):
     seen = []
-    fastguide.sample(nonlinear_net, torch.randn(2, 3), num_steps=5, progress=True,
-                     callback=lambda info: seen.append((info["i"], info["sigma"], info["sigma_next"],
-                                                        info["x"].clone(), info["denoised"].clone())))
+    x = fastguide.sample(nonlinear_net, torch.randn(2, 3), num_steps=5, progress=True,
+                         callback=lambda info: seen.append((info["i"], info["sigma"], info["sigma_next"],
+                                                            info["x"].clone(), info["denoised"].clone())))
+    progress = capfd.readouterr().err
+    assert "sampling" in progress and "5/5" in progress and "0/5" in progress  # the bar counted every step
+    assert torch.equal(seen[-1][3], x)  # the last step's x is the result
     assert [s[0] for s in seen] == list(range(5))
     t_steps = edm_schedule(5)
     assert [s[1] for s in seen] == pytest.approx(t_steps[:5]) and seen[-1][2] == 0.0
