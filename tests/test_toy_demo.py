@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from fastguide._threads import torch_threads
 from fastguide.toy import demo
 
 ENTRY_KEYS = {"guidance", "precision", "recall", "outliers", "loglik_median"}
@@ -38,7 +39,7 @@ def demo_run(tmp_path_factory):
     from fastguide.cli import main
     out = tmp_path_factory.mktemp("demo") / "demo out" / "nested"
     capture = io.StringIO()
-    with contextlib.redirect_stdout(capture):
+    with contextlib.redirect_stdout(capture), torch_threads(1):      # one thread: fastest on a busy machine
         assert main(["demo", "--out", str(out), "--points", "2048", "--budgets", "8", "64", "--seed", "3"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     quality = json.loads((out / "quality.json").read_text())
@@ -108,6 +109,7 @@ def test_demo_quality_table(demo_run):
     assert runs["heun", 8, False]["outliers"] > 0.5       # 4 Heun steps from σ = 5 do not converge
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_evaluate_is_deterministic():
     first, quality, samples = demo.evaluate(points=128, steps=4, budgets=(4,), seed=5)
     second, quality_again, _ = demo.evaluate(points=128, steps=4, budgets=(4,), seed=5)

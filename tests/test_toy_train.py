@@ -162,3 +162,32 @@ def test_load_model_rejects_unknown_name():
     assert SHIPPED == ("main", "guide_auto", "guide_cfg")
     with pytest.raises(ValueError, match="name must be one of"):
         load_model("big")
+
+
+def binomial_tolerance(p_a, p_b, n, standard_errors=4.0):
+    """standard_errors × the standard error of the difference of two rates measured on n points each."""
+    pooled = 0.5 * (p_a + p_b)
+    return standard_errors * math.sqrt(2 * pooled * (1 - pooled) / n)
+
+
+@pytest.mark.usefixtures("one_thread")           # many small ops: one thread is fastest (conftest)
+@pytest.mark.parametrize("name", ["guide_auto", "guide_cfg"])
+def test_shipped_model_metrics_match_a_fresh_training_run(name):
+    """The shipped weights are what the training code makes: a fresh run of the model's recipe at a
+    reduced batch (1024 instead of 4096, another seed) samples its classes (no guidance, EDM2's
+    protocol, 4096 points) with precision, recall and outliers within 4 standard errors of the
+    shipped model's (observed: within 0.01 for outliers and recall)."""
+    from fastguide.toy import protocol
+    from fastguide.toy.metrics import GroundTruthMetrics
+
+    classes, hidden, iterations = T.RECIPES[name]
+    fresh, _, _ = T.train(classes, hidden, 4, iterations, batch=1024, seed=1)
+    truth = tree_mixture(classes)
+    points = 4096
+    noise = protocol.start_noise(truth, points, seed=0)
+    scorer = GroundTruthMetrics(truth, points, seed=1)
+    shipped_scores = scorer(protocol.sample_models(load_model(name), None, noise))
+    fresh_scores = scorer(protocol.sample_models(fresh.float(), None, noise))
+    for key in ("precision", "recall", "outliers"):
+        tolerance = binomial_tolerance(shipped_scores[key], fresh_scores[key], points)
+        assert abs(shipped_scores[key] - fresh_scores[key]) < tolerance, (key, shipped_scores, fresh_scores)
