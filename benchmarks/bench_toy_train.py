@@ -56,11 +56,11 @@ def naive_score(mixture, x, sigma):
 
 
 def autograd_step(model, optimizer, x, sigma, target):
+    model.normalize_weights()
     optimizer.zero_grad(set_to_none=True)
     loss = T.score_matching_loss(model, x, sigma, target)
     loss.backward()
     optimizer.step()
-    model.normalize_weights()
     return loss
 
 

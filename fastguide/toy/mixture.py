@@ -16,7 +16,7 @@ and then rounded, the means and covariances rounded, and each covariance used th
 eigendecomposition Q diag(λ) Qᵀ — noised to σ it is Q diag(λ + σ²) Qᵀ with precision
 Q diag(1/(λ + σ²)) Qᵀ and determinant Π(λ + σ²).  tree_mixture is that mixture exactly: the same
 float32 values, evaluated in float64 (in the same eigen form), which reproduces EDM2's own float64
-evaluation to ~1e-14 (tests/test_toy_mixture.py).
+evaluation to ~1e-13 (tests/test_toy_mixture.py).
 
 Noising a mixture by N(0, σ²I) keeps it a mixture; the score is the responsibility-weighted sum of
 the component scores.  It runs in the fused kernel fastguide_toy::mixture_score when
