@@ -1,6 +1,7 @@
-// The fused guidance + Euler/Heun ops: schemas (torch.ops.fastguide.guided_*) and CPU kernels.
-// One pass over memory: each element is loaded once, the math of guided_math.h runs in float32
-// (float64 for float64 tensors) on AVX2 vectors, and the results are stored once.
+// The fused guidance + solver ops (Euler and ancestral, Heun, DPM-Solver++(2M)): schemas
+// (torch.ops.fastguide.guided_*) and CPU kernels.  One pass over memory: each element is loaded
+// once, the math of guided_math.h runs in float32 (float64 for float64 tensors) on AVX2 vectors,
+// and the results are stored once.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -11,8 +12,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "guided_math.h"
@@ -65,6 +69,8 @@ struct Lanes {
     if (count != kSize) return parts[0].store(p, count);
     streaming ? stream_vector(p, parts[0]) : parts[0].store(p);
   }
+  // The values store() writes, back in the math type: the parts themselves.
+  static void stored_values(const Math* parts, Math* stored) { stored[0] = parts[0]; }
 };
 
 template <typename half_t>
@@ -83,6 +89,11 @@ struct HalfLanes {
     if (count != kSize) return v.store(p, count);
     streaming ? stream_vector(p, v) : v.store(p);
   }
+  // The values store() writes, back in float: rounded to half_t (a float16 overflow is inf).
+  static void stored_values(const Math* parts, Math* stored) {
+    std::tie(stored[0], stored[1]) =
+        at::vec::convert_to_float<half_t>(at::vec::convert_from_float<half_t>(parts[0], parts[1]));
+  }
 };
 
 template <>
@@ -96,119 +107,257 @@ int64_t chunks(int64_t n) {
   return (n + L::kSize - 1) / L::kSize;
 }
 
-template <typename scalar_t, bool kHasGuide>
-void euler_kernel(const scalar_t* x, const scalar_t* d_main, const scalar_t* d_guide, scalar_t* out,
-                  scalar_t* deriv_out, int64_t n, fastguide::EulerScalars<at::opmath_type<scalar_t>> s) {
-  using L = Lanes<scalar_t>;
-  const bool streaming = use_streaming<scalar_t>(n, {out, deriv_out});
+// Which of d_main, d_guide and the written x_next held a NaN or ±inf, over one thread's task:
+// v − v is 0 for finite v and NaN otherwise, so each running sum of those is NaN exactly when
+// one of its values was not finite.  One atomic OR per task, and only when a bit is set.
+template <typename L>
+struct NonFiniteSums {
+  using Math = typename L::Math;
+  Math main = Math(0), guide = Math(0), next = Math(0);
+
+  static void add(Math& sum, const Math* parts) {
+    for (int k = 0; k < L::kParts; ++k) sum = sum + (parts[k] - parts[k]);
+  }
+  void add_stored(const Math* next_parts) {
+    Math stored[L::kParts];
+    L::stored_values(next_parts, stored);
+    add(next, stored);
+  }
+  static int any_nan(const Math& sum) {
+    typename Math::value_type lanes[Math::size()];
+    sum.store(lanes);
+    return std::any_of(lanes, lanes + Math::size(), [](auto v) { return std::isnan(v); }) ? 1 : 0;
+  }
+  void report(int32_t* flags) const {
+    int bits = any_nan(main) | any_nan(guide) << 1 | any_nan(next) << 2;
+    if (bits != 0) __atomic_fetch_or(flags, bits, __ATOMIC_RELAXED);
+  }
+};
+
+// body(i, count, sums) for each chunk of L::kSize elements at i (count < kSize for the last),
+// the chunks split between threads; sums collects the non-finite bits when flags is not null.
+template <typename L, typename Body>
+void for_each_chunk(int64_t n, bool streaming, int32_t* flags, const Body& body) {
   at::parallel_for(0, chunks<L>(n), kGrain / L::kSize, [&](int64_t chunk_begin, int64_t chunk_end) {
-    typename L::Math xv[L::kParts], main[L::kParts], guide[L::kParts], next[L::kParts], deriv[L::kParts];
+    NonFiniteSums<L> sums;
     for (int64_t i = chunk_begin * L::kSize; i < chunk_end * L::kSize && i < n; i += L::kSize) {
-      int64_t count = std::min(L::kSize, n - i);
-      L::load(x + i, count, xv);
-      L::load(d_main + i, count, main);
-      if constexpr (kHasGuide) L::load(d_guide + i, count, guide);
-      for (int k = 0; k < L::kParts; ++k) {
-        auto denoised = kHasGuide ? fastguide::guided_denoised(main[k], guide[k], s.guidance) : main[k];
-        fastguide::euler_update(xv[k], denoised, s, next[k], deriv[k]);
-      }
-      L::store(out + i, count, next, streaming);
-      L::store(deriv_out + i, count, deriv, streaming);
+      body(i, std::min(L::kSize, n - i), sums);
     }
     if (streaming) stream_fence();
+    if (flags != nullptr) sums.report(flags);
   });
 }
 
-template <typename scalar_t, bool kHasGuide>
-void heun_kernel(const scalar_t* x, const scalar_t* deriv_in, const scalar_t* d_main, const scalar_t* d_guide,
-                 scalar_t* out, int64_t n, fastguide::HeunScalars<at::opmath_type<scalar_t>> s) {
+template <bool kHasGuide, typename Math, typename S>
+Math denoised_of(const Math& d_main, const Math& d_guide, S guidance) {
+  if constexpr (kHasGuide) return fastguide::guided_denoised(d_main, d_guide, guidance);
+  return d_main;
+}
+
+template <typename scalar_t>
+struct EulerArgs {
+  const scalar_t *x, *d_main, *d_guide, *noise;  // d_guide, noise: null when absent
+  scalar_t *out, *deriv_out;
+  int64_t n;
+};
+
+template <typename scalar_t, bool kHasGuide, bool kHasNoise>
+void euler_kernel(const EulerArgs<scalar_t>& a, fastguide::EulerScalars<at::opmath_type<scalar_t>> s,
+                  int32_t* flags) {
   using L = Lanes<scalar_t>;
-  const bool streaming = use_streaming<scalar_t>(n, {out});
-  at::parallel_for(0, chunks<L>(n), kGrain / L::kSize, [&](int64_t chunk_begin, int64_t chunk_end) {
-    typename L::Math xv[L::kParts], deriv[L::kParts], main[L::kParts], guide[L::kParts], next[L::kParts];
-    for (int64_t i = chunk_begin * L::kSize; i < chunk_end * L::kSize && i < n; i += L::kSize) {
-      int64_t count = std::min(L::kSize, n - i);
-      L::load(x + i, count, xv);
-      L::load(deriv_in + i, count, deriv);
-      L::load(d_main + i, count, main);
-      if constexpr (kHasGuide) L::load(d_guide + i, count, guide);
-      for (int k = 0; k < L::kParts; ++k) {
-        auto denoised = kHasGuide ? fastguide::guided_denoised(main[k], guide[k], s.guidance) : main[k];
-        next[k] = fastguide::heun_update(xv[k], deriv[k], denoised, s);
-      }
-      L::store(out + i, count, next, streaming);
+  const bool streaming = use_streaming<scalar_t>(a.n, {a.out, a.deriv_out});
+  for_each_chunk<L>(a.n, streaming, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
+    typename L::Math xv[L::kParts], main[L::kParts], guide[L::kParts], noise[L::kParts], next[L::kParts],
+        deriv[L::kParts];
+    L::load(a.x + i, count, xv);
+    L::load(a.d_main + i, count, main);
+    if constexpr (kHasGuide) L::load(a.d_guide + i, count, guide);
+    if constexpr (kHasNoise) L::load(a.noise + i, count, noise);
+    for (int k = 0; k < L::kParts; ++k) {
+      fastguide::euler_update(xv[k], denoised_of<kHasGuide>(main[k], guide[k], s.guidance), s, next[k], deriv[k]);
+      if constexpr (kHasNoise) next[k] = fastguide::add_noise(next[k], noise[k], s);
     }
-    if (streaming) stream_fence();
+    L::store(a.out + i, count, next, streaming);
+    L::store(a.deriv_out + i, count, deriv, streaming);
+    if (flags != nullptr) {
+      sums.add(sums.main, main);
+      if constexpr (kHasGuide) sums.add(sums.guide, guide);
+      sums.add_stored(next);
+    }
   });
+}
+
+template <typename scalar_t>
+struct HeunArgs {
+  const scalar_t *x, *deriv, *d_main, *d_guide;  // d_guide: null when absent
+  scalar_t* out;
+  int64_t n;
+};
+
+template <typename scalar_t, bool kHasGuide>
+void heun_kernel(const HeunArgs<scalar_t>& a, fastguide::HeunScalars<at::opmath_type<scalar_t>> s, int32_t* flags) {
+  using L = Lanes<scalar_t>;
+  const bool streaming = use_streaming<scalar_t>(a.n, {a.out});
+  for_each_chunk<L>(a.n, streaming, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
+    typename L::Math xv[L::kParts], deriv[L::kParts], main[L::kParts], guide[L::kParts], next[L::kParts];
+    L::load(a.x + i, count, xv);
+    L::load(a.deriv + i, count, deriv);
+    L::load(a.d_main + i, count, main);
+    if constexpr (kHasGuide) L::load(a.d_guide + i, count, guide);
+    for (int k = 0; k < L::kParts; ++k) {
+      next[k] = fastguide::heun_update(xv[k], deriv[k], denoised_of<kHasGuide>(main[k], guide[k], s.guidance), s);
+    }
+    L::store(a.out + i, count, next, streaming);
+    if (flags != nullptr) {
+      sums.add(sums.main, main);
+      if constexpr (kHasGuide) sums.add(sums.guide, guide);
+      sums.add_stored(next);
+    }
+  });
+}
+
+template <typename scalar_t>
+struct DpmArgs {
+  const scalar_t *x, *d_main, *d_guide, *denoised_prev;  // d_guide, denoised_prev: null when absent
+  scalar_t *out, *denoised_out;
+  int64_t n;
+};
+
+template <typename scalar_t, bool kHasGuide, bool kHasPrev>
+void dpm_kernel(const DpmArgs<scalar_t>& a, fastguide::DpmScalars<at::opmath_type<scalar_t>> s, int32_t* flags) {
+  using L = Lanes<scalar_t>;
+  const bool streaming = use_streaming<scalar_t>(a.n, {a.out, a.denoised_out});
+  for_each_chunk<L>(a.n, streaming, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
+    typename L::Math xv[L::kParts], main[L::kParts], guide[L::kParts], prev[L::kParts], denoised[L::kParts],
+        next[L::kParts];
+    L::load(a.x + i, count, xv);
+    L::load(a.d_main + i, count, main);
+    if constexpr (kHasGuide) L::load(a.d_guide + i, count, guide);
+    if constexpr (kHasPrev) L::load(a.denoised_prev + i, count, prev);
+    for (int k = 0; k < L::kParts; ++k) {
+      denoised[k] = denoised_of<kHasGuide>(main[k], guide[k], s.guidance);
+      if constexpr (kHasPrev) {
+        next[k] = fastguide::dpm_update(xv[k], denoised[k], prev[k], s);
+      } else {
+        next[k] = fastguide::dpm_update(xv[k], denoised[k], s);
+      }
+    }
+    L::store(a.out + i, count, next, streaming);
+    L::store(a.denoised_out + i, count, denoised, streaming);
+    if (flags != nullptr) {
+      sums.add(sums.main, main);
+      if constexpr (kHasGuide) sums.add(sums.guide, guide);
+      sums.add_stored(next);
+    }
+  });
+}
+
+// f(std::true_type{}) or f(std::false_type{}): a runtime bool as a template argument.
+template <typename F>
+void with_flag(bool flag, const F& f) {
+  flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
 }
 
 template <typename scalar_t>
 void launch_euler(const std::vector<at::Tensor>& inputs, const at::Tensor& next, const at::Tensor& deriv,
-                  double guidance, double t_cur, double t_next) {
-  auto s = fastguide::euler_scalars<at::opmath_type<scalar_t>>(guidance, t_cur, t_next);
-  const scalar_t* x = inputs[0].const_data_ptr<scalar_t>();
-  const scalar_t* d_main = inputs[1].const_data_ptr<scalar_t>();
-  scalar_t* next_p = next.mutable_data_ptr<scalar_t>();
-  scalar_t* deriv_p = deriv.mutable_data_ptr<scalar_t>();
-  int64_t n = next.numel();
-  if (inputs.size() == 3) {
-    euler_kernel<scalar_t, true>(x, d_main, inputs[2].const_data_ptr<scalar_t>(), next_p, deriv_p, n, s);
-  } else {
-    euler_kernel<scalar_t, false>(x, d_main, nullptr, next_p, deriv_p, n, s);
-  }
+                  int32_t* flags, double guidance, double t_cur, double t_next, double noise_scale) {
+  auto s = fastguide::euler_scalars<at::opmath_type<scalar_t>>(guidance, t_cur, t_next, noise_scale);
+  EulerArgs<scalar_t> a{inputs[0].const_data_ptr<scalar_t>(), inputs[1].const_data_ptr<scalar_t>(),
+                        data_or_null<scalar_t>(inputs[2]),    data_or_null<scalar_t>(inputs[3]),
+                        next.mutable_data_ptr<scalar_t>(),    deriv.mutable_data_ptr<scalar_t>(),
+                        next.numel()};
+  auto run = [&](auto has_guide, auto has_noise) { euler_kernel<scalar_t, has_guide(), has_noise()>(a, s, flags); };
+  with_flag(a.d_guide != nullptr, [&](auto has_guide) {
+    with_flag(a.noise != nullptr, [&](auto has_noise) { run(has_guide, has_noise); });
+  });
 }
 
 template <typename scalar_t>
-void launch_heun(const std::vector<at::Tensor>& inputs, const at::Tensor& next, double guidance, double t_cur,
-                 double t_next) {
+void launch_heun(const std::vector<at::Tensor>& inputs, const at::Tensor& next, int32_t* flags, double guidance,
+                 double t_cur, double t_next) {
   auto s = fastguide::heun_scalars<at::opmath_type<scalar_t>>(guidance, t_cur, t_next);
-  const scalar_t* x = inputs[0].const_data_ptr<scalar_t>();
-  const scalar_t* deriv = inputs[1].const_data_ptr<scalar_t>();
-  const scalar_t* d_main = inputs[2].const_data_ptr<scalar_t>();
-  scalar_t* next_p = next.mutable_data_ptr<scalar_t>();
-  int64_t n = next.numel();
-  if (inputs.size() == 4) {
-    heun_kernel<scalar_t, true>(x, deriv, d_main, inputs[3].const_data_ptr<scalar_t>(), next_p, n, s);
-  } else {
-    heun_kernel<scalar_t, false>(x, deriv, d_main, nullptr, next_p, n, s);
-  }
+  HeunArgs<scalar_t> a{inputs[0].const_data_ptr<scalar_t>(), inputs[1].const_data_ptr<scalar_t>(),
+                       inputs[2].const_data_ptr<scalar_t>(), data_or_null<scalar_t>(inputs[3]),
+                       next.mutable_data_ptr<scalar_t>(),    next.numel()};
+  with_flag(a.d_guide != nullptr, [&](auto has_guide) { heun_kernel<scalar_t, has_guide()>(a, s, flags); });
+}
+
+template <typename scalar_t>
+void launch_dpm(const std::vector<at::Tensor>& inputs, const at::Tensor& next, const at::Tensor& denoised,
+                int32_t* flags, double guidance, double x_coef, double d_coef, double prev_coef) {
+  auto s = fastguide::dpm_scalars<at::opmath_type<scalar_t>>(guidance, x_coef, d_coef, prev_coef);
+  DpmArgs<scalar_t> a{inputs[0].const_data_ptr<scalar_t>(), inputs[1].const_data_ptr<scalar_t>(),
+                      data_or_null<scalar_t>(inputs[2]),    data_or_null<scalar_t>(inputs[3]),
+                      next.mutable_data_ptr<scalar_t>(),    denoised.mutable_data_ptr<scalar_t>(),
+                      next.numel()};
+  auto run = [&](auto has_guide, auto has_prev) { dpm_kernel<scalar_t, has_guide(), has_prev()>(a, s, flags); };
+  with_flag(a.d_guide != nullptr, [&](auto has_guide) {
+    with_flag(a.denoised_prev != nullptr, [&](auto has_prev) { run(has_guide, has_prev); });
+  });
 }
 
 void guided_euler_out_cpu(const at::Tensor& x, const at::Tensor& d_main, const std::optional<at::Tensor>& d_guide,
-                          double guidance, double t_cur, double t_next, const at::Tensor& out,
-                          const at::Tensor& deriv_out) {
-  auto launch = [&](const std::vector<at::Tensor>& inputs, const at::Tensor& next, const at::Tensor& deriv) {
+                          double guidance, double t_cur, double t_next, const std::optional<at::Tensor>& noise,
+                          double noise_scale, const at::Tensor& out, const at::Tensor& deriv_out,
+                          const std::optional<at::Tensor>& flags) {
+  auto launch = [&](const std::vector<at::Tensor>& inputs, const at::Tensor& next, const at::Tensor& deriv,
+                    int32_t* flags_ptr) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "guided_euler_cpu", [&] {
-      launch_euler<scalar_t>(inputs, next, deriv, guidance, t_cur, t_next);
+      launch_euler<scalar_t>(inputs, next, deriv, flags_ptr, guidance, t_cur, t_next, noise_scale);
     });
   };
-  fastguide::guided_euler_out_impl(c10::DeviceType::CPU, x, d_main, d_guide, guidance, t_cur, t_next, out, deriv_out,
-                                   launch);
+  fastguide::guided_euler_out_impl(c10::DeviceType::CPU, x, d_main, d_guide, guidance, t_cur, t_next, noise,
+                                   noise_scale, out, deriv_out, flags, launch);
 }
 
 void guided_heun_out_cpu(const at::Tensor& x, const at::Tensor& deriv, const at::Tensor& d_main,
                          const std::optional<at::Tensor>& d_guide, double guidance, double t_cur, double t_next,
-                         const at::Tensor& out) {
-  auto launch = [&](const std::vector<at::Tensor>& inputs, const at::Tensor& next) {
+                         const at::Tensor& out, const std::optional<at::Tensor>& flags) {
+  auto launch = [&](const std::vector<at::Tensor>& inputs, const at::Tensor& next, int32_t* flags_ptr) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "guided_heun_cpu", [&] {
-      launch_heun<scalar_t>(inputs, next, guidance, t_cur, t_next);
+      launch_heun<scalar_t>(inputs, next, flags_ptr, guidance, t_cur, t_next);
     });
   };
   fastguide::guided_heun_out_impl(c10::DeviceType::CPU, x, deriv, d_main, d_guide, guidance, t_cur, t_next, out,
-                                  launch);
+                                  flags, launch);
+}
+
+void guided_dpmpp_2m_out_cpu(const at::Tensor& x, const at::Tensor& d_main, const std::optional<at::Tensor>& d_guide,
+                             const std::optional<at::Tensor>& denoised_prev, double guidance, double x_coef,
+                             double d_coef, double prev_coef, const at::Tensor& out, const at::Tensor& denoised_out,
+                             const std::optional<at::Tensor>& flags) {
+  auto launch = [&](const std::vector<at::Tensor>& inputs, const at::Tensor& next, const at::Tensor& denoised,
+                    int32_t* flags_ptr) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "guided_dpmpp_2m_cpu", [&] {
+      launch_dpm<scalar_t>(inputs, next, denoised, flags_ptr, guidance, x_coef, d_coef, prev_coef);
+    });
+  };
+  fastguide::guided_dpmpp_2m_out_impl(c10::DeviceType::CPU, x, d_main, d_guide, denoised_prev, guidance, x_coef,
+                                      d_coef, prev_coef, out, denoised_out, flags, launch);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastguide, m) {
-  m.def("guided_euler(Tensor x, Tensor d_main, Tensor? d_guide, float guidance, float t_cur, float t_next)"
-        " -> (Tensor, Tensor)");
+  m.def("guided_euler(Tensor x, Tensor d_main, Tensor? d_guide, float guidance, float t_cur, float t_next,"
+        " *, Tensor? noise=None, float noise_scale=0.) -> (Tensor, Tensor)");
   m.def("guided_euler_out(Tensor x, Tensor d_main, Tensor? d_guide, float guidance, float t_cur, float t_next,"
-        " *, Tensor(a!) out, Tensor(b!) deriv_out) -> ()");
+        " *, Tensor? noise=None, float noise_scale=0., Tensor(a!) out, Tensor(b!) deriv_out,"
+        " Tensor(c!)? flags=None) -> ()");
   m.def("guided_heun(Tensor x, Tensor deriv, Tensor d_main, Tensor? d_guide, float guidance, float t_cur,"
         " float t_next) -> Tensor");
   m.def("guided_heun_out(Tensor x, Tensor deriv, Tensor d_main, Tensor? d_guide, float guidance, float t_cur,"
-        " float t_next, *, Tensor(a!) out) -> ()");
+        " float t_next, *, Tensor(a!) out, Tensor(c!)? flags=None) -> ()");
+  m.def("guided_dpmpp_2m(Tensor x, Tensor d_main, Tensor? d_guide, Tensor? denoised_prev, float guidance,"
+        " float x_coef, float d_coef, float prev_coef) -> (Tensor, Tensor)");
+  m.def("guided_dpmpp_2m_out(Tensor x, Tensor d_main, Tensor? d_guide, Tensor? denoised_prev, float guidance,"
+        " float x_coef, float d_coef, float prev_coef, *, Tensor(a!) out, Tensor(b!) denoised_out,"
+        " Tensor(c!)? flags=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastguide, CPU, m) {
@@ -216,4 +365,6 @@ TORCH_LIBRARY_IMPL(fastguide, CPU, m) {
   m.impl("guided_euler_out", &guided_euler_out_cpu);
   m.impl("guided_heun", &fastguide::guided_heun_functional<&guided_heun_out_cpu>);
   m.impl("guided_heun_out", &guided_heun_out_cpu);
+  m.impl("guided_dpmpp_2m", &fastguide::guided_dpmpp_2m_functional<&guided_dpmpp_2m_out_cpu>);
+  m.impl("guided_dpmpp_2m_out", &guided_dpmpp_2m_out_cpu);
 }

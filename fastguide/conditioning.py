@@ -15,6 +15,9 @@ def check(name, cond, batch):
         if not cond:
             raise ValueError(f"{name} is an empty dict; pass None for no conditioning")
         for key, value in cond.items():
+            _check_tensor(f"{name}[{key!r}]", value)
+        _check_same_batch(name, cond)
+        for key, value in cond.items():
             _check_tensor(f"{name}[{key!r}]", value, batch)
         return
     if not isinstance(cond, torch.Tensor):
@@ -22,11 +25,21 @@ def check(name, cond, batch):
     _check_tensor(name, cond, batch)
 
 
-def _check_tensor(name, value, batch):
+def _check_tensor(name, value, batch=None):
+    """A tensor with a batch dimension (of `batch` rows unless None)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
-    if value.ndim == 0 or value.shape[0] != batch:
+    if value.ndim == 0 or (batch is not None and value.shape[0] != batch):
         raise ValueError(f"{name} has batch {tuple(value.shape)[:1] or '()'}, expected the batch of x ({batch})")
+
+
+def _check_same_batch(name, cond):
+    """The entries of a dict agree on their batch (named by key when they do not)."""
+    (first, reference), *others = cond.items()
+    for key, value in others:
+        if value.shape[0] != reference.shape[0]:
+            raise ValueError(f"{name}[{key!r}] has batch {value.shape[0]} but {name}[{first!r}] has batch "
+                             f"{reference.shape[0]}; every entry must be batched on dim 0 alike")
 
 
 def check_pair(name, cond, reference_name, reference):

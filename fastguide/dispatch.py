@@ -50,7 +50,7 @@ def register_family(name, *, modules, extension="", ops=()):
 register_family("guided", modules={"reference": "fastguide.reference", "cpp": "fastguide._extension_ops",
                                    "cuda": "fastguide._extension_ops", "triton": "tritonkernels"},
                 extension="fastguide._C",
-                ops=("fastguide::guided_euler_out", "fastguide::guided_heun_out"))
+                ops=("fastguide::guided_euler_out", "fastguide::guided_heun_out", "fastguide::guided_dpmpp_2m_out"))
 
 
 @functools.lru_cache(maxsize=None)

@@ -189,3 +189,67 @@ def test_bad_scheduler_and_arguments():
         DiffusersDenoiser(unet, diffusers.EulerDiscreteScheduler(prediction_type="flow"))
     with pytest.raises(ValueError, match="num_steps"):
         karras_sigmas(euler_karras("epsilon", 4), 0)
+
+
+def tiny_sdxl_unet(seed=0):
+    """A UNet2DConditionModel with SDXL's "text_time" added conditioning (pooled text embeds + 6 time ids)."""
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4).eval()
+
+
+def sdxl_prompt(batch, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {"encoder_hidden_states": torch.randn(batch, 3, 12, generator=generator),
+            "text_embeds": torch.randn(batch, 8, generator=generator),
+            "time_ids": torch.tensor([[8.0, 8.0, 0.0, 0.0, 8.0, 8.0]]).repeat(batch, 1)}
+
+
+def test_sdxl_added_cond_kwargs_equal_diffusers_loop(one_thread):
+    """SDXL-style conditioning as one flat dict: text_embeds and time_ids reach the UNet in added_cond_kwargs,
+    and CFG on the 2B batch concatenates every entry, as diffusers' SDXL loop does."""
+    unet = tiny_sdxl_unet()
+    scheduler = euler_karras("epsilon", 5)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    cond, uncond = sdxl_prompt(2, seed=8), sdxl_prompt(2, seed=9)
+    both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+    latents = noise * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            out = unet(model_input, t, encoder_hidden_states=both["encoder_hidden_states"],
+                       added_cond_kwargs={"text_embeds": both["text_embeds"], "time_ids": both["time_ids"]}).sample
+            out_uncond, out_cond = out.chunk(2)
+            latents = scheduler.step(out_uncond + 3.0 * (out_cond - out_uncond), t, latents).prev_sample
+        denoiser = DiffusersDenoiser(unet, scheduler)
+        actual = fastguide.sample(denoiser, noise, labels=cond, guide_labels=uncond, guidance=3.0,
+                                  sigmas=scheduler.sigmas, solver="euler")
+        other = fastguide.sample(denoiser, noise, labels=dict(cond, text_embeds=uncond["text_embeds"]),
+                                 guide_labels=uncond, guidance=3.0, sigmas=scheduler.sigmas, solver="euler")
+    assert relative_error(actual, latents) < 1e-5
+    assert relative_error(other, latents) > 1e-4  # text_embeds does reach the model
+
+
+def test_dict_conditioning_refusals_name_the_key():
+    sdxl = DiffusersDenoiser(tiny_sdxl_unet(), euler_karras("epsilon", 4))
+    plain = DiffusersDenoiser(tiny_unet(), euler_karras("epsilon", 4))
+    x, sigma = torch.randn(2, 4, 8, 8), torch.full((2,), 2.0)
+    cond = sdxl_prompt(2, seed=1)
+    with pytest.raises(ValueError, match="'text_embeds' is not an argument of UNet2DModel.forward"):
+        plain(x[:, :3], sigma, {"class_labels": torch.tensor([0, 1]), "text_embeds": cond["text_embeds"]})
+    with pytest.raises(ValueError, match="'added_cond_kwargs' is set by the adapter"):
+        sdxl(x, sigma, dict(cond, added_cond_kwargs=cond["time_ids"]))
+    with pytest.raises(ValueError, match="'timestep' is set by the adapter"):
+        sdxl(x, sigma, dict(cond, timestep=sigma))
+    with pytest.raises(ValueError, match=r"guide_labels and labels must have the same keys; key 'time_ids'"):
+        fastguide.sample(sdxl, x, labels=cond, guide_labels={k: v for k, v in cond.items() if k != "time_ids"},
+                         guidance=2.0, num_steps=2)
+    with pytest.raises(ValueError, match=r"guide_labels\['text_embeds'\] has batch 3 but guide_labels\["):
+        fastguide.sample(sdxl, x, labels=cond, guide_labels=dict(cond, text_embeds=torch.zeros(3, 8)),
+                         guidance=2.0, num_steps=2)
+    with torch.no_grad():  # a dict of class_labels goes through the one-hot rule too
+        by_dict = plain(x[:, :3], sigma, {"class_labels": torch.eye(NUM_CLASSES)[[0, 1]]})
+        assert torch.equal(by_dict, plain(x[:, :3], sigma, torch.tensor([0, 1])))

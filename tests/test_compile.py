@@ -56,3 +56,42 @@ def test_compiled_forward_equals_eager():
 def test_compile_must_be_a_bool():
     with pytest.raises(TypeError, match="compile must be True or False, got 'yes'"):
         fastguide.GuidedDenoiser(MLPDenoiser(), compile="yes")
+
+
+def test_fused_ops_with_flags_trace_under_fullgraph_compile():
+    """The fused epilogues (ancestral Euler, Heun, DPM-Solver++(2M)) with flags given as one-element
+    views of a bigger buffer compile with fullgraph=True on the cpp backend: the graph calls the
+    fastguide ops, and the functionalized (aot_eager) run gives eager's results and flag bits."""
+    from fastguide import ops
+
+    generator = torch.Generator().manual_seed(5)
+    x, d_main, d_guide, noise, prev = (torch.randn(3, 17, generator=generator) for _ in range(5))
+    d_guide[2, 9] = float("inf")  # bits 2 | 4 in every op
+
+    def step(x, d_main, d_guide, noise, prev, flags_buffer):
+        x_ancestral, _ = ops.guided_euler(x, d_main, d_guide, 2.5, 3.0, 1.2, noise=noise, noise_scale=0.7,
+                                          flags=flags_buffer[0:1], backend="cpp")
+        x_heun = ops.guided_heun(x, prev, d_main, None, 2.5, 3.0, 1.2, flags=flags_buffer[1:2], backend="cpp")
+        x_dpm, denoised = ops.guided_dpmpp_2m(x, d_main, d_guide, prev, 2.5, 0.6, 0.5, -0.1,
+                                              flags=flags_buffer[2:3], backend="cpp")
+        return x_ancestral + x_heun + x_dpm, denoised
+
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    inputs = (x, d_main, d_guide, noise, prev)
+    eager_flags = torch.full((4,), 8, dtype=torch.int32)
+    eager = step(*inputs, eager_flags)
+    assert eager_flags.tolist() == [8 | 2 | 4, 8, 8 | 2 | 4, 8]
+    for backend in (record, "aot_eager"):
+        flags = torch.full((4,), 8, dtype=torch.int32)
+        got = torch.compile(step, backend=backend, fullgraph=True)(*inputs, flags)
+        for a, b in zip(got, eager):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        assert flags.tolist() == eager_flags.tolist(), backend
+    code = graphs[0].code
+    for op in ("guided_euler_out", "guided_heun_out", "guided_dpmpp_2m_out"):
+        assert f"fastguide.{op}" in code, code

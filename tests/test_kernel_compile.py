@@ -1,6 +1,7 @@
 """GPU code is compiled here even without a GPU: every csrc/cuda/*.cu with nvcc for sm_80 and
-sm_90 (-Xptxas -v: no errors, no spills, 16-byte accesses), the CUDA bindings against torch's
-headers, and the Triton kernels with triton.compile for sm_80 and sm_90."""
+sm_90 (-Xptxas -v: no errors, no spills, 16-byte accesses, the flags' atomic OR), the CUDA
+bindings against torch's headers, and the Triton kernels (Euler/ancestral, Heun, DPM-Solver++(2M),
+with and without flags) with triton.compile for sm_80 and sm_90."""
 import glob
 import os
 import re
@@ -50,8 +51,12 @@ def test_guided_ops_cu_uses_16_byte_accesses(arch, tmp_path):
     result = nvcc(os.path.join(CSRC, "cuda", "guided_ops.cu"), arch, "ptx", tmp_path / "guided_ops.ptx")
     assert result.returncode == 0, result.stderr
     ptx = (tmp_path / "guided_ops.ptx").read_text()
-    for access in ("ld.global.v4.f32", "st.global.v4.f32", "ld.global.v2.f64", "ld.global.v4.u32"):
+    accesses = ("ld.global.v4.f32", "st.global.v4.f32", "ld.global.v2.f64", "ld.global.v4.u32", "atom.global.or.b32")
+    for access in accesses:
         assert access in ptx, f"no {access} in the PTX for sm_{arch}"
+    kernels = re.findall(r"^(?:\.visible\s+)?\.entry\s+(\w+)", ptx, re.MULTILINE)
+    # euler and dpmpp_2m: 4 dtypes x guide x (noise or D_prev); heun: 4 dtypes x guide
+    assert len(kernels) == 16 + 16 + 8, kernels
 
 
 def cuda_include_dir():
@@ -93,39 +98,60 @@ def test_cuda_bindings_compile_against_torch_headers(tmp_path):
 
 # Triton: compiled in a fresh interpreter, since the test process runs Triton under TRITON_INTERPRET=1.
 TRITON_COMPILE = textwrap.dedent("""
-    import re, sys
     import triton
     from triton.backends.compiler import GPUTarget
     from tritonkernels._common import BLOCK, NUM_WARPS
-    from tritonkernels.guided_euler import guided_euler_kernel
-    from tritonkernels.guided_heun import guided_heun_kernel
+    from tritonkernels.guided_dpmpp_2m import guided_dpmpp_2m_kernel as dpm
+    from tritonkernels.guided_euler import guided_euler_kernel as euler
+    from tritonkernels.guided_heun import guided_heun_kernel as heun
 
-    POINTERS = {guided_euler_kernel: 5, guided_heun_kernel: 5}
-    SCALARS = {guided_euler_kernel: 6, guided_heun_kernel: 8}
-    # Each kernel for both archs, with and without a guide, and between them every dtype.
-    CASES = [(guided_euler_kernel, "90", "fp32", True), (guided_euler_kernel, "80", "fp64", True),
-             (guided_euler_kernel, "90", "fp16", False), (guided_heun_kernel, "80", "fp32", True),
-             (guided_heun_kernel, "90", "bf16", True), (guided_heun_kernel, "90", "fp64", False)]
+    # Each kernel for both archs, with and without each optional input and the flags, and between
+    # them every dtype.
+    CASES = [
+        (euler, "90", "fp32", dict(HAS_GUIDE=True, HAS_NOISE=False, HAS_FLAGS=False)),
+        (euler, "80", "fp32", dict(HAS_GUIDE=False, HAS_NOISE=False, HAS_FLAGS=False)),
+        (euler, "80", "fp64", dict(HAS_GUIDE=True, HAS_NOISE=True, HAS_FLAGS=True)),
+        (euler, "90", "fp16", dict(HAS_GUIDE=False, HAS_NOISE=True, HAS_FLAGS=True)),
+        (euler, "80", "bf16", dict(HAS_GUIDE=True, HAS_NOISE=True, HAS_FLAGS=True)),
+        (heun, "80", "fp32", dict(HAS_GUIDE=True, HAS_FLAGS=True)),
+        (heun, "90", "bf16", dict(HAS_GUIDE=True, HAS_FLAGS=False)),
+        (heun, "90", "fp64", dict(HAS_GUIDE=False, HAS_FLAGS=True)),
+        (dpm, "90", "fp32", dict(HAS_GUIDE=True, HAS_PREV=True, HAS_FLAGS=True)),
+        (dpm, "80", "fp32", dict(HAS_GUIDE=True, HAS_PREV=True, HAS_FLAGS=False)),
+        (dpm, "80", "fp16", dict(HAS_GUIDE=True, HAS_PREV=False, HAS_FLAGS=True)),
+        (dpm, "90", "bf16", dict(HAS_GUIDE=False, HAS_PREV=True, HAS_FLAGS=False)),
+        (dpm, "90", "fp64", dict(HAS_GUIDE=True, HAS_PREV=True, HAS_FLAGS=True)),
+    ]
     VECTOR = {"fp32": "v4.b32", "bf16": "v4.b32", "fp16": "v4.b32", "fp64": "v2.b64"}
 
-    for kernel, arch, dtype, has_guide in CASES:
-        names, pointers = kernel.arg_names, POINTERS[kernel]
-        signature = {name: "*" + dtype for name in names[:pointers]}
-        signature[names[pointers]] = "i64"
-        signature.update({name: "fp32" for name in names[pointers + 1:pointers + 1 + SCALARS[kernel]]})
-        signature.update({name: "constexpr" for name in ("HAS_GUIDE", "COMPUTE_F64", "BLOCK")})
-        constexprs = {"HAS_GUIDE": has_guide, "COMPUTE_F64": dtype == "fp64", "BLOCK": BLOCK}
+
+    def arg_type(name, dtype):
+        if name.isupper():
+            return "constexpr"
+        if name == "flags_ptr":
+            return "*i32"
+        return "*" + dtype if name.endswith("_ptr") else "i64" if name == "n" else "fp32"
+
+
+    for kernel, arch, dtype, options in CASES:
+        names = kernel.arg_names
+        signature = {name: arg_type(name, dtype) for name in names}
+        constexprs = dict(options, COMPUTE_F64=dtype == "fp64", BLOCK=BLOCK)
         # The JIT marks 16-byte aligned pointers and sizes divisible by 16 the same way.
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(pointers + 1)}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+                 if (name.endswith("_ptr") and name != "flags_ptr") or name == "n"}
         source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", int(arch), 32),
                                   options={"num_warps": NUM_WARPS})
-        assert compiled.asm.get("cubin"), (kernel.__name__, arch, dtype)
+        case = (kernel.__name__, arch, dtype, options)
+        assert compiled.asm.get("cubin"), case
         ptx = compiled.asm["ptx"]
-        assert f".target sm_{arch}" in ptx, (kernel.__name__, arch)
+        assert f".target sm_{arch}" in ptx, case
         for op in ("ld", "st"):
-            assert f"{op}.global.{VECTOR[dtype]}" in ptx, (kernel.__name__, arch, dtype, op)
-        print("compiled", kernel.__name__, arch, dtype, has_guide)
+            assert f"{op}.global.{VECTOR[dtype]}" in ptx, (case, op)
+        atomics = [line for line in ptx.splitlines() if ("atom." in line or "red." in line) and ".or." in line]
+        assert bool(atomics) == options["HAS_FLAGS"], (case, atomics)
+        print("compiled", *case)
 """)
 
 
@@ -134,6 +160,6 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run([sys.executable, "-c", TRITON_COMPILE], capture_output=True, text=True, env=env,
-                        cwd=ROOT, timeout=300)
+                            cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 6, result.stdout
+    assert result.stdout.count("compiled") == 13, result.stdout

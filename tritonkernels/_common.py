@@ -1,4 +1,5 @@
-"""What both Triton ops share: launch sizes, scalar packing, contiguous inputs and safe outputs."""
+"""What the Triton guided ops share: launch sizes, scalar packing, the guided prediction, the
+non-finite flags, contiguous inputs and safe outputs."""
 import os
 
 import numpy
@@ -36,6 +37,43 @@ def load_block(ptr, offsets, mask, COMPUTE_F64: tl.constexpr):
 def guided_denoised(d_main, d_guide, guidance):
     """D = D0 + w·(D1 − D0)"""
     return d_guide + guidance * (d_main - d_guide)
+
+
+@triton.jit
+def load_predictions(main_ptr, guide_ptr, offsets, mask, guidance_hi, guidance_lo, HAS_GUIDE: tl.constexpr,
+                     COMPUTE_F64: tl.constexpr):
+    """(d_main, d_guide, D) for a block: D = d_main, and d_guide = d_main (unread), without a guide."""
+    d_main = load_block(main_ptr, offsets, mask, COMPUTE_F64)
+    d_guide = d_main
+    denoised = d_main
+    if HAS_GUIDE:
+        d_guide = load_block(guide_ptr, offsets, mask, COMPUTE_F64)
+        denoised = guided_denoised(d_main, d_guide, load_scalar(guidance_hi, guidance_lo, COMPUTE_F64))
+    return d_main, d_guide, denoised
+
+
+INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def any_nonfinite(values, mask):
+    """1 if an element under mask is NaN or ±inf, else 0 (NaN fails every comparison)."""
+    return tl.max(tl.where(mask & ~(tl.abs(values) < INF), 1, 0), axis=0)
+
+
+@triton.jit
+def report_nonfinite(flags_ptr, d_main, d_guide, stored, mask, HAS_GUIDE: tl.constexpr):
+    """ORs the flag bits into flags_ptr[0] (1: d_main, 2: d_guide, 4: x_next as stored): one
+    atomic per program, and none when every value is finite."""
+    bits = any_nonfinite(d_main, mask) | (any_nonfinite(stored, mask) << 2)
+    if HAS_GUIDE:
+        bits = bits | (any_nonfinite(d_guide, mask) << 1)
+    tl.atomic_or(flags_ptr, bits, mask=bits != 0, sem="relaxed")
+
+
+def flags_arg(flags, placeholder):
+    """The flags pointer argument: a placeholder tensor (never touched) when there are no flags."""
+    return placeholder if flags is None else flags
 
 
 def contiguous(tensors):

@@ -1,11 +1,14 @@
-// CUDA kernels of the fused guidance + Euler/Heun ops, free of torch headers.
-// Each thread moves 16-byte packs in a grid-stride loop; the last n % pack elements (or all of
-// them, when a pointer is not 16-byte aligned) go through a scalar grid-stride tail.
+// CUDA kernels of the fused guidance + solver ops (Euler/ancestral, Heun, DPM-Solver++(2M)), free
+// of torch headers.  One elementwise kernel runs every op: each thread moves 16-byte packs in a
+// grid-stride loop; the last n % pack elements (or all of them, when a pointer is not 16-byte
+// aligned) go through a scalar grid-stride tail.  An op (EulerOp, ...) says which of the up to
+// four inputs it reads and does the per-element math of guided_math.h.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "guided_math.h"
 #include "guided_ops.h"
@@ -14,20 +17,95 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSM = 8;
+constexpr int kMaxInputs = 4;
+constexpr int kMaxOutputs = 2;
 
 template <typename T> struct MathOf { using type = float; };
 template <> struct MathOf<double> { using type = double; };
+template <typename T> using MathT = typename MathOf<T>::type;
 
 __device__ __forceinline__ float to_math(float v) { return v; }
 __device__ __forceinline__ double to_math(double v) { return v; }
 __device__ __forceinline__ float to_math(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_math(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T> __device__ __forceinline__ T from_math(typename MathOf<T>::type v) { return v; }
+template <typename T> __device__ __forceinline__ T from_math(MathT<T> v) { return v; }
 template <> __device__ __forceinline__ __half from_math<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_math<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
+
+// 1 when v (as stored) is NaN or ±inf: its exponent bits are all ones.  Bit tests, so that no
+// fast-math option can fold them away.
+__device__ __forceinline__ int nonfinite(float v) { return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u; }
+__device__ __forceinline__ int nonfinite(double v) {
+  return (__double_as_longlong(v) & 0x7ff0000000000000ll) == 0x7ff0000000000000ll;
+}
+__device__ __forceinline__ int nonfinite(__half v) { return (__half_as_ushort(v) & 0x7c00u) == 0x7c00u; }
+__device__ __forceinline__ int nonfinite(__nv_bfloat16 v) {
+  return (__bfloat16_as_ushort(v) & 0x7f80u) == 0x7f80u;
+}
+
+// The flag bits of one element: 1: d_main, 2: d_guide, 4: the stored x_next.
+template <bool kHasGuide, typename T>
+__device__ __forceinline__ int flag_bits(T d_main, T d_guide, T stored_next) {
+  return nonfinite(d_main) | (kHasGuide ? nonfinite(d_guide) << 1 : 0) | nonfinite(stored_next) << 2;
+}
+
+template <bool kHasGuide, typename T>
+__device__ __forceinline__ MathT<T> denoised_of(T d_main, T d_guide, MathT<T> guidance) {
+  if (kHasGuide) return fastguide::guided_denoised(to_math(d_main), to_math(d_guide), guidance);
+  return to_math(d_main);
+}
+
+// Inputs x, d_main, d_guide?, noise? -> outputs x_next, deriv.
+template <typename T, bool kHasGuide, bool kHasNoise>
+struct EulerOp {
+  static constexpr int kInputs = 4, kOutputs = 2;
+  static __host__ __device__ constexpr bool reads(int j) {
+    return j < 2 || (j == 2 && kHasGuide) || (j == 3 && kHasNoise);
+  }
+  fastguide::EulerScalars<MathT<T>> s;
+  __device__ __forceinline__ int operator()(const T* in, T* out) const {
+    MathT<T> next, deriv;
+    fastguide::euler_update(to_math(in[0]), denoised_of<kHasGuide>(in[1], in[2], s.guidance), s, next, deriv);
+    if (kHasNoise) next = fastguide::add_noise(next, to_math(in[3]), s);
+    out[0] = from_math<T>(next);
+    out[1] = from_math<T>(deriv);
+    return flag_bits<kHasGuide>(in[1], in[2], out[0]);
+  }
+};
+
+// Inputs x, deriv, d_main, d_guide? -> output x_next.
+template <typename T, bool kHasGuide>
+struct HeunOp {
+  static constexpr int kInputs = 4, kOutputs = 1;
+  static __host__ __device__ constexpr bool reads(int j) { return j < 3 || kHasGuide; }
+  fastguide::HeunScalars<MathT<T>> s;
+  __device__ __forceinline__ int operator()(const T* in, T* out) const {
+    MathT<T> denoised = denoised_of<kHasGuide>(in[2], in[3], s.guidance);
+    out[0] = from_math<T>(fastguide::heun_update(to_math(in[0]), to_math(in[1]), denoised, s));
+    return flag_bits<kHasGuide>(in[2], in[3], out[0]);
+  }
+};
+
+// Inputs x, d_main, d_guide?, denoised_prev? -> outputs x_next, D.
+template <typename T, bool kHasGuide, bool kHasPrev>
+struct DpmOp {
+  static constexpr int kInputs = 4, kOutputs = 2;
+  static __host__ __device__ constexpr bool reads(int j) {
+    return j < 2 || (j == 2 && kHasGuide) || (j == 3 && kHasPrev);
+  }
+  fastguide::DpmScalars<MathT<T>> s;
+  __device__ __forceinline__ int operator()(const T* in, T* out) const {
+    MathT<T> denoised = denoised_of<kHasGuide>(in[1], in[2], s.guidance);
+    MathT<T> next = kHasPrev ? fastguide::dpm_update(to_math(in[0]), denoised, to_math(in[3]), s)
+                             : fastguide::dpm_update(to_math(in[0]), denoised, s);
+    out[0] = from_math<T>(next);
+    out[1] = from_math<T>(denoised);
+    return flag_bits<kHasGuide>(in[1], in[2], out[0]);
+  }
+};
 
 template <typename T>
 struct alignas(16) Pack {
@@ -35,80 +113,58 @@ struct alignas(16) Pack {
   T v[kSize];
 };
 
+// The arrays of one launch, in the op's order; an input the op does not read may be null.
 template <typename T>
-__device__ __forceinline__ Pack<T> load_pack(const T* p, int64_t pack_index) {
-  return reinterpret_cast<const Pack<T>*>(p)[pack_index];
-}
+struct Arrays {
+  const T* in[kMaxInputs];
+  T* out[kMaxOutputs];
+};
 
-template <typename T>
-__device__ __forceinline__ void store_pack(T* p, int64_t pack_index, const Pack<T>& pack) {
-  reinterpret_cast<Pack<T>*>(p)[pack_index] = pack;
-}
-
-template <typename T, bool kHasGuide>
-__device__ __forceinline__ void euler_element(T x, T d_main, T d_guide, const fastguide::EulerScalars<typename MathOf<T>::type>& s,
-                                              T& next, T& deriv) {
-  using M = typename MathOf<T>::type;
-  M denoised = kHasGuide ? fastguide::guided_denoised(to_math(d_main), to_math(d_guide), s.guidance) : to_math(d_main);
-  M next_m, deriv_m;
-  fastguide::euler_update(to_math(x), denoised, s, next_m, deriv_m);
-  next = from_math<T>(next_m);
-  deriv = from_math<T>(deriv_m);
-}
-
-template <typename T, bool kHasGuide>
-__device__ __forceinline__ T heun_element(T x, T deriv, T d_main, T d_guide,
-                                          const fastguide::HeunScalars<typename MathOf<T>::type>& s) {
-  using M = typename MathOf<T>::type;
-  M denoised = kHasGuide ? fastguide::guided_denoised(to_math(d_main), to_math(d_guide), s.guidance) : to_math(d_main);
-  return from_math<T>(fastguide::heun_update(to_math(x), to_math(deriv), denoised, s));
-}
-
-template <typename T, bool kHasGuide>
-__global__ void euler_kernel(const T* x, const T* d_main, const T* d_guide, T* out, T* deriv_out, int64_t n,
-                             int64_t packs, fastguide::EulerScalars<typename MathOf<T>::type> s) {
+template <typename T, typename Op>
+__global__ void guided_kernel(Arrays<T> a, int64_t n, int64_t packs, Op op, int32_t* flags) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  int bits = 0;
   for (int64_t i = first; i < packs; i += stride) {
-    Pack<T> xv = load_pack(x, i), main = load_pack(d_main, i), guide = main, next, deriv;
-    if (kHasGuide) guide = load_pack(d_guide, i);
+    Pack<T> in[Op::kInputs] = {}, out[Op::kOutputs];  // (inputs the op does not read stay zero)
+#pragma unroll
+    for (int j = 0; j < Op::kInputs; ++j) {
+      if (Op::reads(j)) in[j] = reinterpret_cast<const Pack<T>*>(a.in[j])[i];
+    }
 #pragma unroll
     for (int k = 0; k < Pack<T>::kSize; ++k) {
-      euler_element<T, kHasGuide>(xv.v[k], main.v[k], guide.v[k], s, next.v[k], deriv.v[k]);
-    }
-    store_pack(out, i, next);
-    store_pack(deriv_out, i, deriv);
-  }
-  for (int64_t j = packs * Pack<T>::kSize + first; j < n; j += stride) {
-    euler_element<T, kHasGuide>(x[j], d_main[j], kHasGuide ? d_guide[j] : d_main[j], s, out[j], deriv_out[j]);
-  }
-}
-
-template <typename T, bool kHasGuide>
-__global__ void heun_kernel(const T* x, const T* deriv, const T* d_main, const T* d_guide, T* out, int64_t n,
-                            int64_t packs, fastguide::HeunScalars<typename MathOf<T>::type> s) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t i = first; i < packs; i += stride) {
-    Pack<T> xv = load_pack(x, i), dv = load_pack(deriv, i), main = load_pack(d_main, i), guide = main, next;
-    if (kHasGuide) guide = load_pack(d_guide, i);
+      T element_in[Op::kInputs] = {}, element_out[Op::kOutputs];
 #pragma unroll
-    for (int k = 0; k < Pack<T>::kSize; ++k) {
-      next.v[k] = heun_element<T, kHasGuide>(xv.v[k], dv.v[k], main.v[k], guide.v[k], s);
+      for (int j = 0; j < Op::kInputs; ++j) element_in[j] = in[j].v[k];
+      bits |= op(element_in, element_out);
+#pragma unroll
+      for (int j = 0; j < Op::kOutputs; ++j) out[j].v[k] = element_out[j];
     }
-    store_pack(out, i, next);
+#pragma unroll
+    for (int j = 0; j < Op::kOutputs; ++j) reinterpret_cast<Pack<T>*>(a.out[j])[i] = out[j];
   }
-  for (int64_t j = packs * Pack<T>::kSize + first; j < n; j += stride) {
-    out[j] = heun_element<T, kHasGuide>(x[j], deriv[j], d_main[j], kHasGuide ? d_guide[j] : d_main[j], s);
+  for (int64_t e = packs * Pack<T>::kSize + first; e < n; e += stride) {
+    T element_in[Op::kInputs] = {}, element_out[Op::kOutputs];
+#pragma unroll
+    for (int j = 0; j < Op::kInputs; ++j) {
+      if (Op::reads(j)) element_in[j] = a.in[j][e];
+    }
+    bits |= op(element_in, element_out);
+#pragma unroll
+    for (int j = 0; j < Op::kOutputs; ++j) a.out[j][e] = element_out[j];
   }
+  if (bits != 0 && flags != nullptr) atomicOr(flags, bits);  // rare: only where a value is not finite
 }
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Number of 16-byte packs the vector loop covers: 0 unless every pointer is 16-byte aligned.
 template <typename T>
-int64_t pack_count(int64_t n, std::initializer_list<const void*> pointers) {
-  for (const void* p : pointers) {
+int64_t pack_count(int64_t n, const Arrays<T>& a) {
+  for (const void* p : a.in) {
+    if (!aligned16(p)) return 0;
+  }
+  for (const void* p : a.out) {
     if (!aligned16(p)) return 0;
   }
   return n / Pack<T>::kSize;
@@ -123,65 +179,84 @@ int grid_size(int64_t work) {
   return int(wanted < 1 ? 1 : (wanted < most ? wanted : most));
 }
 
-template <typename T>
-int launch_euler(const void* x, const void* d_main, const void* d_guide, void* out, void* deriv_out, int64_t n,
-                 double guidance, double t_cur, double t_next, cudaStream_t stream) {
-  auto s = fastguide::euler_scalars<typename MathOf<T>::type>(guidance, t_cur, t_next);
-  int64_t packs = pack_count<T>(n, {x, d_main, d_guide, out, deriv_out});
+template <typename T, typename Op>
+int launch(const Arrays<T>& a, int64_t n, const Op& op, int32_t* flags, cudaStream_t stream) {
+  int64_t packs = pack_count<T>(n, a);
   int blocks = grid_size(packs > 0 ? packs : n);
-  auto xp = static_cast<const T*>(x), mp = static_cast<const T*>(d_main), gp = static_cast<const T*>(d_guide);
-  auto op = static_cast<T*>(out), dp = static_cast<T*>(deriv_out);
-  if (d_guide) {
-    euler_kernel<T, true><<<blocks, kThreads, 0, stream>>>(xp, mp, gp, op, dp, n, packs, s);
-  } else {
-    euler_kernel<T, false><<<blocks, kThreads, 0, stream>>>(xp, mp, gp, op, dp, n, packs, s);
-  }
+  guided_kernel<T><<<blocks, kThreads, 0, stream>>>(a, n, packs, op, flags);
   return int(cudaGetLastError());
 }
 
-template <typename T>
-int launch_heun(const void* x, const void* deriv, const void* d_main, const void* d_guide, void* out, int64_t n,
-                double guidance, double t_cur, double t_next, cudaStream_t stream) {
-  auto s = fastguide::heun_scalars<typename MathOf<T>::type>(guidance, t_cur, t_next);
-  int64_t packs = pack_count<T>(n, {x, deriv, d_main, d_guide, out});
-  int blocks = grid_size(packs > 0 ? packs : n);
-  auto xp = static_cast<const T*>(x), dp = static_cast<const T*>(deriv), mp = static_cast<const T*>(d_main);
-  auto gp = static_cast<const T*>(d_guide);
-  auto op = static_cast<T*>(out);
-  if (d_guide) {
-    heun_kernel<T, true><<<blocks, kThreads, 0, stream>>>(xp, dp, mp, gp, op, n, packs, s);
-  } else {
-    heun_kernel<T, false><<<blocks, kThreads, 0, stream>>>(xp, dp, mp, gp, op, n, packs, s);
+// f(std::true_type{}) or f(std::false_type{}): a runtime bool as a template argument.
+template <typename F>
+int with_flag(bool flag, const F& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
+// f(T{}) for the element type named by dtype.
+template <typename F>
+int with_dtype(int dtype, const F& f) {
+  switch (dtype) {
+    case kFastguideFloat32: return f(float{});
+    case kFastguideFloat64: return f(double{});
+    case kFastguideFloat16: return f(__half{});
+    case kFastguideBFloat16: return f(__nv_bfloat16{});
+    default: return int(cudaErrorInvalidValue);
   }
-  return int(cudaGetLastError());
 }
 
 }  // namespace
 
 extern "C" int fastguide_guided_euler_cuda(int dtype, const void* x, const void* d_main, const void* d_guide,
-                                           void* out, void* deriv_out, int64_t n, double guidance, double t_cur,
-                                           double t_next, void* stream) {
-  auto st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFastguideFloat32: return launch_euler<float>(x, d_main, d_guide, out, deriv_out, n, guidance, t_cur, t_next, st);
-    case kFastguideFloat64: return launch_euler<double>(x, d_main, d_guide, out, deriv_out, n, guidance, t_cur, t_next, st);
-    case kFastguideFloat16: return launch_euler<__half>(x, d_main, d_guide, out, deriv_out, n, guidance, t_cur, t_next, st);
-    case kFastguideBFloat16:
-      return launch_euler<__nv_bfloat16>(x, d_main, d_guide, out, deriv_out, n, guidance, t_cur, t_next, st);
-    default: return int(cudaErrorInvalidValue);
-  }
+                                           const void* noise, void* out, void* deriv_out, int32_t* flags, int64_t n,
+                                           double guidance, double t_cur, double t_next, double noise_scale,
+                                           void* stream) {
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto s = fastguide::euler_scalars<MathT<T>>(guidance, t_cur, t_next, noise_scale);
+    Arrays<T> a{{static_cast<const T*>(x), static_cast<const T*>(d_main), static_cast<const T*>(d_guide),
+                 static_cast<const T*>(noise)},
+                {static_cast<T*>(out), static_cast<T*>(deriv_out)}};
+    return with_flag(d_guide != nullptr, [&](auto has_guide) {
+      return with_flag(noise != nullptr, [&](auto has_noise) {
+        EulerOp<T, decltype(has_guide)::value, decltype(has_noise)::value> op{s};
+        return launch(a, n, op, flags, static_cast<cudaStream_t>(stream));
+      });
+    });
+  });
 }
 
 extern "C" int fastguide_guided_heun_cuda(int dtype, const void* x, const void* deriv, const void* d_main,
-                                          const void* d_guide, void* out, int64_t n, double guidance, double t_cur,
-                                          double t_next, void* stream) {
-  auto st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFastguideFloat32: return launch_heun<float>(x, deriv, d_main, d_guide, out, n, guidance, t_cur, t_next, st);
-    case kFastguideFloat64: return launch_heun<double>(x, deriv, d_main, d_guide, out, n, guidance, t_cur, t_next, st);
-    case kFastguideFloat16: return launch_heun<__half>(x, deriv, d_main, d_guide, out, n, guidance, t_cur, t_next, st);
-    case kFastguideBFloat16:
-      return launch_heun<__nv_bfloat16>(x, deriv, d_main, d_guide, out, n, guidance, t_cur, t_next, st);
-    default: return int(cudaErrorInvalidValue);
-  }
+                                          const void* d_guide, void* out, int32_t* flags, int64_t n, double guidance,
+                                          double t_cur, double t_next, void* stream) {
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto s = fastguide::heun_scalars<MathT<T>>(guidance, t_cur, t_next);
+    Arrays<T> a{{static_cast<const T*>(x), static_cast<const T*>(deriv), static_cast<const T*>(d_main),
+                 static_cast<const T*>(d_guide)},
+                {static_cast<T*>(out), nullptr}};
+    return with_flag(d_guide != nullptr, [&](auto has_guide) {
+      HeunOp<T, decltype(has_guide)::value> op{s};
+      return launch(a, n, op, flags, static_cast<cudaStream_t>(stream));
+    });
+  });
+}
+
+extern "C" int fastguide_guided_dpmpp_2m_cuda(int dtype, const void* x, const void* d_main, const void* d_guide,
+                                              const void* denoised_prev, void* out, void* denoised_out,
+                                              int32_t* flags, int64_t n, double guidance, double x_coef,
+                                              double d_coef, double prev_coef, void* stream) {
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto s = fastguide::dpm_scalars<MathT<T>>(guidance, x_coef, d_coef, prev_coef);
+    Arrays<T> a{{static_cast<const T*>(x), static_cast<const T*>(d_main), static_cast<const T*>(d_guide),
+                 static_cast<const T*>(denoised_prev)},
+                {static_cast<T*>(out), static_cast<T*>(denoised_out)}};
+    return with_flag(d_guide != nullptr, [&](auto has_guide) {
+      return with_flag(denoised_prev != nullptr, [&](auto has_prev) {
+        DpmOp<T, decltype(has_guide)::value, decltype(has_prev)::value> op{s};
+        return launch(a, n, op, flags, static_cast<cudaStream_t>(stream));
+      });
+    });
+  });
 }
