@@ -1,23 +1,45 @@
-"""Builds fastguide and its extensions fastguide._C and fastguide.toy._C.
+"""Builds fastguide's extensions fastguide._C and fastguide.toy._C; the package's metadata is in
+pyproject.toml.
 
 fastguide._C: CPU kernels every csrc/*.cpp; CUDA kernels csrc/cuda/*.cu (torch-free) plus their
 bindings csrc/cuda/*.cpp, built only when the installed torch has CUDA and nvcc is found.
 fastguide.toy._C: the toy experiment's CPU kernels, fastguide/toy/csrc/*.cpp (they include the
 shared per-element math of csrc/guided_math.h).
-Install with `pip install --no-build-isolation -e .` (setup.py imports torch).
+The extensions are compiled against the torch of the environment they are installed into, so install
+torch first; then `pip install .`, `pip wheel .` or `pip install --no-build-isolation -e .`.
+FASTGUIDE_NO_EXT=1 builds without the extensions (the "reference" and "triton" backends remain);
+FASTGUIDE_NO_CUDA=1 builds the CPU kernels only.
 """
 import glob
 import os
+import site
+import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _import_torch():
+    """The torch of the environment being installed into.  pip's build isolation (`pip install .`,
+    `pip wheel .`) hides that environment's packages from this process: they are looked up there."""
+    try:
+        import torch
+    except ModuleNotFoundError:
+        sys.path.extend(path for path in site.getsitepackages() if path not in sys.path)
+        try:
+            import torch
+        except ModuleNotFoundError:
+            raise SystemExit(f"fastguide: its extension is compiled against the installed torch, and "
+                             f"{sys.executable} has none: install torch first (or set FASTGUIDE_NO_EXT=1 "
+                             "to build without the extension)") from None
+    return torch
 
 
 def _extensions():
     if os.environ.get("FASTGUIDE_NO_EXT") == "1":
         return [], {}
-    import torch
+    torch = _import_torch()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cpu_sources = sorted(glob.glob("csrc/*.cpp"))
@@ -45,22 +67,4 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-
-setup(
-    name="fastguide",
-    version="0.1.0",
-    description="Kernel-backed guided diffusion sampling: CFG, autoguidance, guidance interval.",
-    packages=find_packages(include=["fastguide", "fastguide.*", "tritonkernels", "tritonkernels.*"]),
-    package_data={"fastguide": ["toy/weights/*.safetensors"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
-    extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
-        "triton": ["triton"],
-        "toy": ["matplotlib", "safetensors"],
-        "diffusers": ["diffusers"],
-    },
-    entry_points={"console_scripts": ["fastguide=fastguide.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -4,9 +4,14 @@ Every seed's noise (and, for class-conditional nets without --class, its class) 
 torch.Generator, the seeds are cut into the same batches whatever the number of processes, and the
 evaluation strategy is fixed rather than tuned by timing, so the files are byte-identical between a
 one-process run and `torchrun --nproc_per_node=N -m fastguide sample ...` (batches go to ranks
-round-robin).  Files are written to a temporary name and renamed; a rerun skips batches whose
-files all exist and writes only the missing ones (a partly written batch is sampled again whole,
-so its files stay identical to an uninterrupted run).
+round-robin, by RANK).
+
+A file on disk is complete or absent: each is written to a temporary name of its own writer, flushed
+to disk and renamed.  outdir/manifest.json holds the settings that decide the samples; a rerun with
+other settings is refused (unless --force), and a rerun with the same ones skips batches whose files
+are all complete, samples again a batch with a missing or unreadable file (whole, so its files stay
+identical to an uninterrupted run), and writes only those files.  A batch whose samples come out
+non-finite is not written; the run goes on and ends naming its seeds (exit code 1).
 """
 import datetime
 import importlib
@@ -16,6 +21,8 @@ import math
 import os
 import platform
 import re
+import secrets
+import socket
 import sys
 import time
 import zipfile
@@ -25,16 +32,26 @@ import torch
 
 from fastguide import dispatch
 from fastguide.batching import STRATEGIES
+from fastguide.guidance import DenoiserOutputError
 from fastguide.noise import SeededRandn
 from fastguide.sampler import SOLVERS, sample, schedule
 
 FORMATS = ("npz", "png")
-PNG_MODES = {1: "L", 3: "RGB"}
+PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 MAX_SEEDS = 10 ** 7
+MANIFEST = "manifest.json"
+NPZ_MEMBERS = ["class_label.npy", "seed.npy", "x.npy"]
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk that closes every PNG file
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+STALE_AFTER_S = 3600  # another machine's temporary file this old has lost its writer
 
 
 class UsageError(ValueError):
     """Bad input to `fastguide sample`: reported as one line on stderr, exit code 2."""
+
+
+class OutputError(OSError):
+    """A result could not be written: reported as one line on stderr, exit code 1."""
 
 
 def add_arguments(parser):
@@ -60,7 +77,11 @@ def add_arguments(parser):
     parser.add_argument("--shape", help="sample shape C,H,W (default: the net's img_channels and img_resolution)")
     parser.add_argument("--outdir", required=True, help="where the files go (created if missing)")
     parser.add_argument("--format", choices=FORMATS, default="png",
-                        help="png: 8-bit images of x in [-1, 1]; npz: the float32 sample itself")
+                        help="png: 8-bit images of x in [-1, 1] (1, 3 or 4 channels); npz: the float32 sample itself")
+    parser.add_argument("--force", action="store_true",
+                        help=f"sample into an --outdir whose {MANIFEST} names other settings: its files that hold "
+                             "samples of this --shape and --format are kept, others sampled again; the manifest is "
+                             "replaced")
     parser.add_argument("--device", help="default: cuda (this rank's GPU) if available, else cpu")
     parser.add_argument("--backend", default="auto", help="fused-op backend (default auto)")
     parser.add_argument("--strategy", choices=STRATEGIES,
@@ -74,8 +95,7 @@ def run(args):
     try:
         plan = _prepare(args, local_rank)
     except UsageError as exc:
-        print(f"fastguide sample: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return _error(exc, 2)
     if plan["device"].type == "cuda":
         torch.cuda.set_device(plan["device"])
     if world_size > 1:
@@ -86,10 +106,17 @@ def run(args):
         all_counts = _gather(counts, world_size)
         if rank == 0:
             _write_record(args, plan, all_counts, world_size, time.perf_counter() - started)
+    except OutputError as exc:
+        return _error(exc, 1)
     finally:
         if world_size > 1:
             torch.distributed.destroy_process_group()
-    return 0
+    return _report_failures(all_counts, rank)
+
+
+def _error(exc, code):
+    print(f"fastguide sample: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return code
 
 
 def _distributed_env():
@@ -99,10 +126,11 @@ def _distributed_env():
 # ---------------------------------------------------------------- validation (nothing written yet)
 
 def parse_seeds(text):
-    """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]; each seed once."""
+    """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]; each seed once.  Items are ASCII digits, spaces only
+    around them ('1 2' is no seed 12, nor '1 - 3' a range)."""
     seeds = []
-    for item in str(text).replace(" ", "").split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+    for item in str(text).split(","):
+        match = re.fullmatch(r"([0-9]{1,19})(?:-([0-9]{1,19}))?", item.strip())
         if match is None:
             raise UsageError(f"--seeds: malformed item {item!r} in {text!r} (expected e.g. 0-49999 or 0,5,10-19)")
         first, last = int(match[1]), int(match[2] if match[2] is not None else match[1])
@@ -118,6 +146,17 @@ def parse_seeds(text):
     return seeds
 
 
+def format_seeds(seeds):
+    """[0, 1, 2, 7] -> '0-2,7': the --seeds form of a list of seeds."""
+    seeds, items = sorted(seeds), []
+    for seed in seeds:
+        if items and items[-1][1] == seed - 1:
+            items[-1][1] = seed
+        else:
+            items.append([seed, seed])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in items)
+
+
 def load_factory(option, spec):
     """Imports MODULE, calls FACTORY() and checks that it returned a callable denoiser."""
     module_name, sep, attr_path = (spec or "").partition(":")
@@ -127,7 +166,7 @@ def load_factory(option, spec):
         sys.path.insert(0, os.getcwd())
     try:
         factory = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is bad input
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - any import failure is bad input
         raise UsageError(f"{option}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from None
     for name in attr_path.split("."):
         if not hasattr(factory, name):
@@ -137,7 +176,7 @@ def load_factory(option, spec):
         raise UsageError(f"{option}: {spec} is a {type(factory).__name__}, not a callable factory")
     try:
         net = factory()
-    except Exception as exc:  # noqa: BLE001 - a factory that fails is bad input
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a factory that fails (or exits) is bad input
         raise UsageError(f"{option}: {spec}() raised {type(exc).__name__}: {exc}") from None
     if not callable(net):
         raise UsageError(f"{option}: {spec}() returned a {type(net).__name__}, expected a callable denoiser")
@@ -145,7 +184,8 @@ def load_factory(option, spec):
 
 
 def _prepare(args, local_rank):
-    """Validates every argument and loads the nets; the last step creates the output folder."""
+    """Validates every argument, the device and the output folders (loading nothing), then loads the
+    nets and checks what depends on them; the last step creates the output folders and the manifest."""
     started = time.perf_counter()
     seeds = parse_seeds(args.seeds)
     _check_positive("--steps", args.steps)
@@ -160,14 +200,18 @@ def _prepare(args, local_rank):
         dispatch.resolve(args.backend, device)
     except (RuntimeError, ValueError) as exc:
         raise UsageError(f"--backend: {exc}") from None
+    shape = _parse_shape(args.shape)
+    if shape is not None:
+        _check_format(args.format, shape)
+    _check_outdir(args.outdir, seeds, args.format)
     net = load_factory("--net", args.net)
     guide = load_factory("--guide", args.guide) if args.guide else None
     num_classes = _num_classes(args, net)
     if args.guidance != 1 and guide is None and not num_classes:
         raise UsageError("--guidance != 1 needs --guide, or class labels (--num-classes) for CFG")
-    shape = _shape(args.shape, net)
-    if args.format == "png" and shape[0] not in PNG_MODES:
-        raise UsageError(f"--format png needs 1 or 3 channels, the samples have {shape[0]} (use --format npz)")
+    if shape is None:
+        shape = _net_shape(net)
+        _check_format(args.format, shape)
     sigma_min = max(args.sigma_min, float(getattr(net, "sigma_min", 0.0)))
     sigma_max = min(args.sigma_max, float(getattr(net, "sigma_max", math.inf)))
     try:
@@ -178,11 +222,12 @@ def _prepare(args, local_rank):
     strategy = args.strategy or ("separate" if guide is not None else "cfg-batch")
     if strategy == "cfg-batch" and guide is not None:
         raise UsageError("--strategy cfg-batch is for CFG (no --guide)")
-    outdir = _make_outdir(args.outdir)
-    net, guide = (_to_device(m, device) for m in (net, guide))
-    return dict(seeds=seeds, device=device, net=net, guide=guide, num_classes=num_classes, shape=shape,
-                sigma_min=sigma_min, sigma_max=sigma_max, strategy=strategy, outdir=outdir, args=args,
-                setup_s=time.perf_counter() - started)
+    plan = dict(seeds=seeds, device=device, net=net, guide=guide, num_classes=num_classes, shape=shape,
+                sigma_min=sigma_min, sigma_max=sigma_max, strategy=strategy, outdir=args.outdir, args=args)
+    _open_outdir(plan)
+    plan["net"], plan["guide"] = (_to_device(m, device) for m in (net, guide))
+    plan["setup_s"] = time.perf_counter() - started
+    return plan
 
 
 def _check_positive(option, value):
@@ -199,6 +244,12 @@ def _device(name, local_rank):
         raise UsageError(f"--device: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available")
+    try:  # the samples' noise is drawn there, and the samples are read back from there
+        torch.Generator(device)
+        torch.zeros(1, device=device).cpu()
+    except Exception as exc:  # noqa: BLE001 - any failure here means the device cannot be sampled on
+        raise UsageError(f"--device {name}: cannot sample there ({type(exc).__name__}: {exc}); "
+                         "expected a device holding data, e.g. cpu, cuda or cuda:1") from None
     return device
 
 
@@ -212,12 +263,9 @@ def _num_classes(args, net):
     return num_classes
 
 
-def _shape(text, net):
+def _parse_shape(text):
     if text is None:
-        channels, resolution = getattr(net, "img_channels", None), getattr(net, "img_resolution", None)
-        if channels is None or resolution is None:
-            raise UsageError("--shape C,H,W is needed: the net has no img_channels/img_resolution attributes")
-        return (int(channels), int(resolution), int(resolution))
+        return None
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -227,17 +275,17 @@ def _shape(text, net):
     return shape
 
 
-def _make_outdir(path):
-    """Creates the folder and proves that a file can be written there."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".fastguide-write-test-{os.getpid()}")
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as exc:
-        raise UsageError(f"--outdir {path!r} is not writable: {exc.strerror or exc}") from None
-    return path
+def _net_shape(net):
+    channels, resolution = getattr(net, "img_channels", None), getattr(net, "img_resolution", None)
+    if channels is None or resolution is None:
+        raise UsageError("--shape C,H,W is needed: the net has no img_channels/img_resolution attributes")
+    return (int(channels), int(resolution), int(resolution))
+
+
+def _check_format(fmt, shape):
+    if fmt == "png" and (len(shape) != 3 or shape[0] not in PNG_MODES):
+        raise UsageError(f"--format png needs samples of shape C,H,W with C = 1, 3 or 4 channels, the samples "
+                         f"have shape {','.join(map(str, shape))} (use --format npz, or another --shape)")
 
 
 def _to_device(module, device):
@@ -246,40 +294,282 @@ def _to_device(module, device):
     return module
 
 
-# ---------------------------------------------------------------- sampling
+# ---------------------------------------------------------------- the output folder
 
 def seed_path(outdir, seed, fmt):
     """outdir/000000/000123.png: one folder per thousand seeds, as EDM2 lays them out."""
     return os.path.join(outdir, f"{seed // 1000 * 1000:06d}", f"{seed:06d}.{fmt}")
 
 
+def _seed_folders(outdir, seeds, fmt):
+    return sorted({os.path.dirname(seed_path(outdir, seed, fmt)) for seed in seeds})
+
+
+def _check_outdir(outdir, seeds, fmt):
+    """Before anything is loaded or written: every folder the run writes to is, or can be made, a
+    writable folder, and no seed's path is taken by a folder."""
+    for folder in [outdir, *_seed_folders(outdir, seeds, fmt)]:
+        existing = os.path.abspath(folder)
+        while not os.path.lexists(existing):  # the nearest part of the path that exists
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UsageError(f"--outdir: cannot write to {folder!r}: {existing!r} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"--outdir: cannot write to {folder!r}: {existing!r} is not writable")
+    taken = [seed for seed in seeds if os.path.isdir(seed_path(outdir, seed, fmt))]
+    if taken:
+        raise UsageError(f"--outdir: the paths of seeds {format_seeds(taken)} are folders, e.g. "
+                         f"{seed_path(outdir, taken[0], fmt)!r}; move them away")
+
+
+def sample_settings(plan):
+    """What decides the samples (the manifest's settings; a rerun into the same outdir must match).
+
+    Not here, as they do not change which samples are drawn: --seeds (which seeds, each sampled alike
+    whatever the others), --outdir, and how the same computation is carried out: --batch, --device,
+    --backend, --strategy and the number of processes (these can change the last float bits, never
+    more).  The dtype is float32, always."""
+    args = plan["args"]
+    return dict(net=args.net, guide=args.guide, guidance=args.guidance, interval=args.interval, steps=args.steps,
+                solver=args.solver, sigma_min=plan["sigma_min"], sigma_max=plan["sigma_max"], rho=args.rho,
+                num_classes=plan["num_classes"], **{"class": args.class_idx}, null_class=args.null_class,
+                shape=list(plan["shape"]), format=args.format)
+
+
+def _open_outdir(plan):
+    """Checks the manifest, makes the folders (proving each writable), writes the manifest and
+    removes temporary files that their writers left behind."""
+    args, outdir = plan["args"], plan["outdir"]
+    settings = sample_settings(plan)
+    path = os.path.join(outdir, MANIFEST)
+    found = _read_manifest(path, args.force)
+    if found is not None and not args.force:
+        _check_settings(path, found, settings)
+    folders = _seed_folders(outdir, plan["seeds"], args.format)
+    for folder in [outdir, *folders]:
+        _make_folder(folder)
+    data = json.dumps(dict(manifest=1, settings=settings), indent=2).encode()
+    if args.force and found != settings:
+        write_atomically(path, data)
+    elif found is None:
+        try:
+            write_atomically(path, data, exclusive=True)
+        except FileExistsError:  # another process made it since: its settings must match too
+            _check_settings(path, _read_manifest(path, force=False), settings)
+    for folder in folders:
+        remove_stale_temporaries(folder)
+
+
+def _read_manifest(path, force):
+    """The manifest's settings, or None if there is none (or, with --force, it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            settings = json.loads(f.read())["settings"]
+        if not isinstance(settings, dict):
+            raise ValueError(f"its settings are a {type(settings).__name__}, not a mapping")
+        return settings
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if force:
+            return None
+        raise UsageError(f"--outdir: cannot read {path} ({type(exc).__name__}: {exc}); "
+                         "pass --force to replace it") from None
+
+
+def _check_settings(path, found, settings):
+    differing = [f"--{key.replace('_', '-')} {found.get(key)!r} there, {value!r} here"
+                 for key, value in settings.items() if found.get(key) != value]
+    if differing:
+        raise UsageError(f"--outdir holds samples made with other settings ({path}): {'; '.join(differing)}. "
+                         "Use another --outdir, or pass --force to sample into it anyway")
+
+
+def _make_folder(folder):
+    """Creates the folder and proves that a file can be written there."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = _create_temporary(folder, "write-test")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"--outdir: {folder!r} is not writable: {exc.strerror or exc}") from None
+
+
+# ---------------------------------------------------------------- files
+
+def write_atomically(path, data, *, exclusive=False):
+    """Writes data to a temporary name of this writer's own in the same folder, flushes it to disk,
+    then renames it to path: the file is whole or absent, and writers of the same path never share a
+    temporary file.  exclusive: raise FileExistsError rather than replace an existing file."""
+    fd, temporary = _create_temporary(*os.path.split(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(temporary, path)
+        else:
+            os.replace(temporary, path)
+            temporary = None
+    finally:
+        if temporary is not None:
+            _remove_if_present(temporary)
+
+
+def _create_temporary(folder, name):
+    """A new hidden file '.NAME~HOST~PID~RANDOM.tmp' in folder: (open descriptor, path)."""
+    while True:
+        path = os.path.join(folder, f".{name}~{HOST}~{os.getpid()}~{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+
+
+def remove_stale_temporaries(folder):
+    """Removes the temporary files in folder whose writers are gone: on this machine, processes that
+    no longer run (or this one); on others, files older than STALE_AFTER_S."""
+    for entry in os.scandir(folder):
+        match = re.fullmatch(r"\..+~([^~]+)~([0-9]+)~[0-9a-f]+\.tmp", entry.name)
+        if match is None:
+            continue
+        if _is_stale(entry, host=match[1], pid=int(match[2])):
+            _remove_if_present(entry.path)
+
+
+def _is_stale(entry, host, pid):
+    if host == HOST:
+        return pid == os.getpid() or not _process_exists(pid)
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+    except FileNotFoundError:  # removed meanwhile (by its writer, or another run's clean-up)
+        return False
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        pass
+    return True
+
+
+def _remove_if_present(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def is_complete(path, fmt, shape):
+    """Whether path holds a whole result file of this shape (what a rerun may skip)."""
+    try:
+        return _npz_is_complete(path, shape) if fmt == "npz" else _png_is_complete(path, shape)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
+
+
+def _npz_is_complete(path, shape):
+    with zipfile.ZipFile(path) as archive:  # the central directory is the file's end: a cut file has none
+        if sorted(archive.namelist()) != NPZ_MEMBERS:
+            return False
+        with archive.open("x.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            array_shape, _, dtype = read_header(member)
+    return array_shape == tuple(shape) and dtype == np.float32
+
+
+def _png_is_complete(path, shape):
+    from PIL import Image
+    with Image.open(path) as image:
+        if image.format != "PNG" or image.mode != PNG_MODES[shape[0]] or image.size != (shape[2], shape[1]):
+            return False
+    with open(path, "rb") as f:
+        f.seek(-len(PNG_END), os.SEEK_END)
+        return f.read() == PNG_END
+
+
+def _write_sample(outdir, seed, fmt, sample_chw, class_label):
+    path = seed_path(outdir, seed, fmt)
+    data = _png_bytes(sample_chw) if fmt == "png" else _npz_bytes(sample_chw, seed, int(class_label))
+    try:
+        write_atomically(path, data)
+    except OSError as exc:
+        raise OutputError(f"seed {seed}: cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _npz_bytes(sample_chw, seed, class_label):
+    """An .npz (x: float32 C×H×W, seed, class_label or -1) with fixed zip timestamps: same input, same bytes."""
+    arrays = dict(x=sample_chw.numpy().astype(np.float32), seed=np.int64(seed), class_label=np.int64(class_label))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+    return buffer.getvalue()
+
+
+def _png_bytes(sample_chw):
+    """8-bit PNG of x in [-1, 1] (EDM2's conversion: x·127.5 + 128, clipped); 1, 3 or 4 channels."""
+    from PIL import Image
+    pixels = (sample_chw * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- sampling
+
 def _sample_batches(plan, rank, world_size):
     args = plan["args"]
     batches = [plan["seeds"][i:i + args.batch] for i in range(0, len(plan["seeds"]), args.batch)]
     my_batches = batches[rank::world_size]
     counts = dict(rank=rank, written=0, skipped=0, batches_run=0, net_calls=0, guide_calls=0,
-                  evaluations_per_sample=None, sampling_s=0.0, backend=None)
+                  evaluations_per_sample=None, sampling_s=0.0, backend=None, failed={})
     from tqdm.auto import tqdm
-    bar = tqdm(total=sum(len(b) for b in my_batches), unit="img", desc="fastguide sample", disable=rank != 0)
-    for batch_seeds in my_batches:
-        missing = [s for s in batch_seeds if not os.path.exists(seed_path(plan["outdir"], s, args.format))]
-        if missing:
-            started = time.perf_counter()
-            samples, labels, stats = _sample_batch(plan, batch_seeds)
-            for row, seed in enumerate(batch_seeds):
-                if seed in missing:
-                    _write_sample(plan["outdir"], seed, args.format, samples[row], labels[row])
-            counts["sampling_s"] += time.perf_counter() - started
-            counts["batches_run"] += 1
-            counts["net_calls"] += stats["net"]
-            counts["guide_calls"] += stats["guide"]
-            counts["evaluations_per_sample"] = dict(net=stats["net"], guide=stats["guide"])
-            counts["backend"] = stats["backend"]
-        counts["written"] += len(missing)
-        counts["skipped"] += len(batch_seeds) - len(missing)
-        bar.update(len(batch_seeds))
-    bar.close()
+    with tqdm(total=sum(len(b) for b in my_batches), unit="img", desc="fastguide sample", disable=rank != 0) as bar:
+        for batch_seeds in my_batches:
+            missing = [s for s in batch_seeds
+                       if not is_complete(seed_path(plan["outdir"], s, args.format), args.format, plan["shape"])]
+            if missing:
+                _run_batch(plan, batch_seeds, missing, counts)
+            counts["skipped"] += len(batch_seeds) - len(missing)
+            bar.update(len(batch_seeds))
     return counts
+
+
+def _run_batch(plan, batch_seeds, missing, counts):
+    """Samples one batch and writes its missing files; a failed batch or non-finite sample is counted
+    in counts["failed"] (reason -> seeds) and not written."""
+    started = time.perf_counter()
+    try:
+        samples, labels, stats = _sample_batch(plan, batch_seeds)
+    except (DenoiserOutputError, FloatingPointError) as exc:
+        counts["failed"].setdefault(str(exc), []).extend(missing)
+        return
+    finally:
+        counts["sampling_s"] += time.perf_counter() - started
+        counts["batches_run"] += 1
+    for row, seed in enumerate(batch_seeds):
+        if seed not in missing:
+            continue
+        if not bool(torch.isfinite(samples[row]).all()):
+            counts["failed"].setdefault("the sample is not finite (NaN or inf)", []).append(seed)
+            continue
+        _write_sample(plan["outdir"], seed, plan["args"].format, samples[row], labels[row])
+        counts["written"] += 1
+    counts["net_calls"] += stats["net"]
+    counts["guide_calls"] += stats["guide"]
+    counts["evaluations_per_sample"] = dict(net=stats["net"], guide=stats["guide"])
+    counts["backend"] = stats["backend"]
 
 
 def class_labels(plan, generators):
@@ -313,45 +603,16 @@ def _sample_batch(plan, batch_seeds):
     return samples.float().cpu(), classes, stats
 
 
-# ---------------------------------------------------------------- files
-
-def _write_sample(outdir, seed, fmt, sample_chw, class_label):
-    path = seed_path(outdir, seed, fmt)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    data = _png_bytes(sample_chw) if fmt == "png" else _npz_bytes(sample_chw, seed, int(class_label))
-    write_atomically(path, data)
-
-
-def write_atomically(path, data):
-    """Writes to a hidden temporary name in the same folder, then renames: the file is whole or absent."""
-    folder, name = os.path.split(path)
-    temporary = os.path.join(folder, f".{name}.tmp")
-    with open(temporary, "wb") as f:
-        f.write(data)
-    os.replace(temporary, path)
-
-
-def _npz_bytes(sample_chw, seed, class_label):
-    """An .npz (x: float32 C×H×W, seed, class_label or -1) with fixed zip timestamps: same input, same bytes."""
-    arrays = dict(x=sample_chw.numpy().astype(np.float32), seed=np.int64(seed), class_label=np.int64(class_label))
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for name, array in arrays.items():
-            member = io.BytesIO()
-            np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
-            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
-    return buffer.getvalue()
-
-
-def _png_bytes(sample_chw):
-    """8-bit PNG of x in [-1, 1] (EDM2's conversion: x·127.5 + 128, clipped)."""
-    from PIL import Image
-    pixels = (sample_chw * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    mode = PNG_MODES[pixels.shape[2]]
-    image = Image.fromarray(pixels[:, :, 0] if mode == "L" else pixels, mode)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def _report_failures(all_counts, rank):
+    """Exit code 1 (every rank) if any seed failed; rank 0 names them, one line per reason."""
+    failed = {}
+    for counts in all_counts:
+        for reason, seeds in counts["failed"].items():
+            failed.setdefault(reason, []).extend(seeds)
+    if rank == 0:
+        for reason, seeds in failed.items():
+            _error(f"seeds {format_seeds(seeds)} were not written: {reason}", 1)
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------- run record
@@ -387,6 +648,7 @@ def _write_record(args, plan, all_counts, world_size, total_s):
         timings=dict(total_s=total_s, sampling_s=sampling_s, setup_s=max(c["setup_s"] for c in all_counts),
                      samples_per_s=written / sampling_s if sampling_s > 0 else None),
         counts=dict(written=written, skipped=sum(c["skipped"] for c in all_counts),
+                    failed=sum(len(s) for c in all_counts for s in c["failed"].values()),
                     batches_run=sum(c["batches_run"] for c in all_counts),
                     net_calls=sum(c["net_calls"] for c in all_counts),
                     guide_calls=sum(c["guide_calls"] for c in all_counts),
@@ -396,4 +658,7 @@ def _write_record(args, plan, all_counts, world_size, total_s):
     )
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     data = json.dumps(record, indent=2, default=str).encode()
-    write_atomically(os.path.join(plan["outdir"], f"run-{stamp}.json"), data)
+    try:
+        write_atomically(os.path.join(plan["outdir"], f"run-{stamp}.json"), data)
+    except OSError as exc:
+        raise OutputError(f"cannot write the run record to {plan['outdir']}: {exc.strerror or exc}") from exc

@@ -9,7 +9,7 @@ import numbers
 
 import torch
 
-from fastguide import core, dispatch, ops, plan, reference
+from fastguide import core, dispatch, ops, plan, reference, rules
 from fastguide.guidance import GuidedDenoiser
 
 SOLVERS = plan.SOLVERS
@@ -86,7 +86,7 @@ def sample(net, noise, *, labels=None, guide=None, guide_labels=None, guidance=1
            num_steps=EDM["num_steps"], sigma_min=EDM["sigma_min"], sigma_max=EDM["sigma_max"], rho=EDM["rho"],
            sigmas=None, solver="heun", S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, eta=1.0,
            randn_like=None, dtype=torch.float32, backend="auto", progress=False, callback=None,
-           return_stats=False, strategy="auto", compile=False):
+           return_stats=False, strategy="auto", compile=False, guidance_rule=None):
     """Draws samples from noise with the guided sampler.
 
     net, guide: denoisers (x, sigma[B], labels) -> D(x).  guidance=w: D = D0 + w·(D1 − D0).
@@ -97,9 +97,13 @@ def sample(net, noise, *, labels=None, guide=None, guide_labels=None, guidance=1
     Returns x, or (x, stats) with evaluations per sample of net and guide when return_stats.
     strategy, compile: how net and guide are evaluated together (see GuidedDenoiser).
     The callback's x, x_hat and denoised are the sampler's buffers: clone them to keep them.
+    guidance may be a tensor [B] (one weight per sample).  guidance_rule: how the predictions
+    combine, a fastguide.rules rule (None: Lerp(), D0 + w·(D1 − D0); CFGRescale, APG, CFGZeroStar)
+    or its name; its state (APG's momentum) lives for one run, fused with the solver update.
     """
     denoiser = GuidedDenoiser(net, guide, guidance=guidance, guide_labels=guide_labels,
-                              guidance_interval=guidance_interval, strategy=strategy, compile=compile)
+                              guidance_interval=guidance_interval, strategy=strategy, compile=compile,
+                              guidance_rule=guidance_rule)
     return run_sampler(denoiser, noise, labels=labels, num_steps=num_steps, sigma_min=sigma_min,
                        sigma_max=sigma_max, rho=rho, sigmas=sigmas, solver=solver, S_churn=S_churn,
                        S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta, randn_like=randn_like, dtype=dtype,
@@ -124,12 +128,16 @@ def run_sampler(denoiser, noise, *, labels=None, num_steps=EDM["num_steps"], sig
     check_callable("randn_like", randn_like, optional=False)
     backend = dispatch.resolve(backend, noise.device)
 
+    rule_ops = None
+    if rules.uses_rule_path(denoiser.rule, denoiser.guidance):
+        rule_ops = rules.rule_ops(backend, noise.device)
+
     run_plan = plan.build(t_steps, solver, denoiser.guided_at, S_churn=S_churn, S_min=S_min, S_max=S_max,
-                          S_noise=S_noise, eta=eta)
+                          S_noise=S_noise, eta=eta, guide_from_step=denoiser.guide_from_step)
     with torch.no_grad():  # a denoiser that needs autograd (e.g. an energy model) enables it itself
         x = core.run(run_plan, denoiser.evaluator, noise.to(dtype) * t_steps[0], labels, denoiser.guidance,
                      dispatch.implementation(backend), randn=lambda x, step: randn_like(x), callback=callback,
-                     progress=progress, check_finite=denoiser.check_finite)
+                     progress=progress, check_finite=denoiser.check_finite, rule=denoiser.rule, rule_ops=rule_ops)
     if return_stats:
         return x, dict(denoiser.stats, steps=run_plan.num_steps, solver=solver, backend=backend)
     return x

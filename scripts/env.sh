@@ -7,7 +7,7 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY="$ROOT/.venv/bin/python"
 STAMP=.venv/.fastguide-deps
-REQS="torch==2.13.0 triton==3.7.1 numpy tqdm safetensors matplotlib pytest hypothesis pytest-benchmark diffusers ninja setuptools wheel"
+REQS="torch==2.13.0 triton==3.7.1 numpy tqdm safetensors pillow matplotlib pytest hypothesis pytest-benchmark diffusers ninja setuptools wheel"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQS" ]; then
     # (this machine's pip config names local indexes that may be absent: drop those warnings)
     "$VPY" -m pip install -q --disable-pip-version-check $REQS 2> >(grep -v "^WARNING: Location" >&2)
@@ -15,8 +15,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQS" ]; then
 fi
 # Editable install (package + the `fastguide` console command) once; the extension itself is
 # built in place, incrementally with ninja, on every call.
-# (redone when setup.py or the set of top-level packages changes: the editable finder maps packages)
-EDITABLE_KEY="$(cat setup.py; ls -d */__init__.py)"
+# (redone when setup.py, pyproject.toml or the set of top-level packages changes: the editable finder
+# maps packages)
+EDITABLE_KEY="$(cat setup.py pyproject.toml; ls -d */__init__.py)"
 if [ "$(cat .venv/.fastguide-editable 2>/dev/null)" != "$EDITABLE_KEY" ]; then
     FASTGUIDE_NO_EXT=1 "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . \
         2> >(grep -v "^WARNING: Location" >&2)

@@ -61,6 +61,21 @@ def broken_factory():
     raise RuntimeError("weights not found")
 
 
+def exiting_factory():
+    raise SystemExit(3)
+
+
+def lonely_nan_net():
+    """TinyNet, but NaN for a batch of one sample (so, with --batch 2, for the last seed of an odd count)."""
+    net = TinyNet(seed=0)
+
+    def denoise(x, sigma, labels=None):
+        out = net(x, sigma, labels)
+        return out * float("nan") if x.shape[0] == 1 else out
+    denoise.img_channels, denoise.img_resolution, denoise.label_dim = 3, 8, 4
+    return denoise
+
+
 NOT_CALLABLE = "just a string"
 
 

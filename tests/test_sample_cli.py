@@ -1,10 +1,14 @@
-"""`fastguide sample` end to end: files per seed, resume after a kill, torchrun sharding, bad input."""
+"""`fastguide sample` end to end: files per seed, resume after a kill, the manifest and unreadable files on
+rerun, atomic and concurrent writes, failures during sampling, sharding (torchrun, two nodes), bad input."""
+import errno
 import glob
 import json
 import os
+import re
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +18,7 @@ import pytest
 import torch
 
 import fastguide
+from fastguide import sample_cli
 from fastguide._threads import torch_threads
 from fastguide.cli import main
 from nets_for_cli import TinyNet
@@ -27,9 +32,10 @@ SEEDS = list(range(12))
 
 def subprocess_env(**extra):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", **extra)
+               OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    env.update(extra)
     return env
 
 
@@ -44,6 +50,11 @@ def file_ids(paths):
 
 def read_bytes(paths):
     return {os.path.basename(p): open(p, "rb").read() for p in paths}
+
+
+def error_lines(err):
+    """The CLI's error lines in captured stderr (tqdm's progress bar writes there too)."""
+    return [line for line in re.split(r"[\r\n]", err) if line.startswith("fastguide sample: error: ")]
 
 
 def records(outdir):
@@ -177,8 +188,9 @@ def test_rerun_skips_existing_and_refills_missing_identically(reference_run, tmp
 
 def test_killed_run_resumes_without_loss_or_repeats(reference_run, tmp_path, monkeypatch):
     outdir = str(tmp_path / "killed")
-    command = [sys.executable, "-m", "fastguide", "sample", *COMMON, "--outdir", outdir]
-    command[command.index("nets_for_cli:tiny_net")] = "nets_for_cli:slow_net"
+    argv = ["sample", *COMMON, "--outdir", outdir]
+    argv[argv.index("nets_for_cli:tiny_net")] = "nets_for_cli:slow_net"  # the same weights, sleeping per call
+    command = [sys.executable, "-m", "fastguide", *argv]
     process = subprocess.Popen(command, env=subprocess_env(FASTGUIDE_TEST_DELAY="0.1"), cwd=str(tmp_path),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -198,7 +210,7 @@ def test_killed_run_resumes_without_loss_or_repeats(reference_run, tmp_path, mon
     ids = file_ids(written)
     monkeypatch.setenv("FASTGUIDE_TEST_DELAY", "0")
     with torch_threads(1):  # like each torchrun rank (OMP_NUM_THREADS=1)
-        assert main(["sample", *COMMON, "--outdir", outdir]) == 0
+        assert main(argv) == 0
     final = result_files(outdir)
     assert [os.path.basename(p) for p in final] == [f"{s:06d}.npz" for s in SEEDS]
     assert not glob.glob(os.path.join(outdir, "*", ".*"))  # no temporary files left
@@ -235,7 +247,16 @@ BAD_INPUTS = {
     "too many seeds": (["--seeds", "0-99999999999"], "names more than 10000000 seeds"),
     "no alphas_cumprod": (["--net", "nets_for_cli:diffusers_flow_match"], "has no alphas_cumprod"),
     "class out of range": (["--class", "4"], "--class 4 needs --num-classes"),
-    "png channels": (["--net", "nets_for_cli:gray_net", "--shape", "2,4,4", "--format", "png"], "1 or 3 channels"),
+    "png channels": (["--net", "nets_for_cli:gray_net", "--shape", "2,4,4", "--format", "png"], "C = 1, 3 or 4"),
+    # checked before the net is loaded: a factory that fails is not reached
+    "png needs C,H,W": (["--net", "nets_for_cli:broken_factory", "--shape", "3,8"], "shape C,H,W"),
+    "png with a 4-d shape": (["--net", "nets_for_cli:broken_factory", "--shape", "3,4,4,4"], "shape C,H,W"),
+    "meta device": (["--net", "nets_for_cli:broken_factory", "--device", "meta"], "--device meta: cannot sample"),
+    "seed range with spaces": (["--seeds", "1 - 3"], "--seeds: malformed item '1 - 3'"),
+    "seeds split by a space": (["--seeds", "1 2"], "--seeds: malformed item '1 2'"),
+    "non-ASCII digits": (["--seeds", "\u0661-\u0663"], "--seeds: malformed item"),
+    "seed of 5000 digits": (["--seeds", "9" * 5000], "--seeds: malformed item"),
+    "factory exits": (["--net", "nets_for_cli:exiting_factory"], "exiting_factory() raised SystemExit: 3"),
     "no shape": (["--net", "nets_for_cli:gray_net"], "--shape C,H,W is needed"),
     "guidance without guide": (["--net", "nets_for_cli:gray_net", "--shape", "1,4,4", "--guidance", "2"],
                                "needs --guide"),
@@ -263,8 +284,41 @@ def test_unwritable_outdir(tmp_path, capsys):
     argv = ["sample", "--net", "nets_for_cli:tiny_net", "--seeds", "0", "--outdir", str(blocker / "out")]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--outdir" in err and "is not writable" in err
+    assert err.count("\n") == 1 and "--outdir" in err and "is not a folder" in err
     assert blocker.read_text() == "not a folder"
+
+
+def block_subfolder(outdir):
+    (outdir / "000000").write_text("a file where the seeds' folder goes")
+
+
+def folder_at_seed_path(outdir):
+    (outdir / "000000" / "000001.npz").mkdir(parents=True)
+
+
+def read_only_subfolder(outdir):
+    (outdir / "000000").mkdir()
+    (outdir / "000000").chmod(0o555)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (block_subfolder, "000000' is not a folder"),
+    (folder_at_seed_path, "the paths of seeds 1 are folders"),
+    pytest.param(read_only_subfolder, "000000' is not writable", marks=pytest.mark.skipif(
+        os.geteuid() == 0, reason="root writes into read-only folders")),
+])
+def test_output_folder_problems_are_refused_before_loading(spoil, message, tmp_path, capsys):
+    """Refused before the net is loaded (its factory, which fails, is never called), nothing written."""
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    spoil(outdir)
+    before = sorted(str(p) for p in outdir.rglob("*"))
+    argv = ["sample", "--net", "nets_for_cli:broken_factory", "--seeds", "0-2", "--format", "npz",
+            "--outdir", str(outdir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastguide sample: error: --outdir") and message in err
+    assert sorted(str(p) for p in outdir.rglob("*")) == before
 
 
 def test_exit_code_2_from_python_m_fastguide(tmp_path, monkeypatch, capsys):
@@ -277,3 +331,272 @@ def test_exit_code_2_from_python_m_fastguide(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.splitlines() == [
         "fastguide sample: error: --seeds: malformed item '3-x' in '3-x' (expected e.g. 0-49999 or 0,5,10-19)"]
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- reruns: manifest, unreadable files
+
+def copy_of(reference_run, tmp_path, name="copy"):
+    outdir = str(tmp_path / name)
+    shutil.copytree(reference_run, outdir)
+    return outdir
+
+
+def run_common(*options, outdir):
+    with torch_threads(1):  # like each torchrun rank (OMP_NUM_THREADS=1)
+        return main(["sample", *COMMON, *options, "--outdir", outdir])
+
+
+@pytest.mark.parametrize("options, differing", [
+    (["--steps", "5"], "--steps 4 there, 5 here"),
+    (["--guidance", "3"], "--guidance 2.0 there, 3.0 here"),
+    (["--solver", "euler"], "--solver 'heun' there, 'euler' here"),
+    (["--guide", "nets_for_cli:tiny_guide", "--strategy", "separate"], "--guide None there, 'nets_for_cli:tiny_guide'"),
+    (["--interval", "0.5", "10"], "--interval None there, [0.5, 10.0] here"),
+    (["--shape", "3,4,4"], "--shape [3, 8, 8] there, [3, 4, 4] here"),
+    (["--class", "1"], "--class None there, 1 here"),
+    (["--sigma-max", "40"], "--sigma-max 80.0 there, 40.0 here"),
+])
+def test_rerun_with_other_settings_is_refused_unless_forced(reference_run, tmp_path, capsys, options, differing):
+    outdir = copy_of(reference_run, tmp_path)
+    ids = file_ids(result_files(outdir))
+    manifest = open(os.path.join(outdir, "manifest.json")).read()
+    assert run_common(*options, outdir=outdir) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--outdir holds samples made with other settings" in err and differing in err
+    assert "--force" in err
+    assert file_ids(result_files(outdir)) == ids and len(records(outdir)) == 1  # nothing written
+    assert open(os.path.join(outdir, "manifest.json")).read() == manifest
+    assert run_common(*options, "--force", outdir=outdir) == 0  # the manifest is replaced
+    if "--shape" in options:  # files of another shape are no results of this run: sampled again
+        assert all(np.load(p)["x"].shape == (3, 4, 4) for p in result_files(outdir))
+    else:  # existing files are kept
+        assert file_ids(result_files(outdir)) == ids
+    assert run_common(*options, outdir=outdir) == 0  # the new settings are the manifest's now
+
+
+def test_batch_strategy_and_backend_are_not_settings(reference_run, tmp_path):
+    """They change how the samples are computed, not which: a rerun with others resumes."""
+    outdir = copy_of(reference_run, tmp_path)
+    os.remove(os.path.join(outdir, "000000", "000005.npz"))
+    assert run_common("--batch", "3", "--strategy", "separate", "--backend", "reference", outdir=outdir) == 0
+    assert [os.path.basename(p) for p in result_files(outdir)] == [f"{s:06d}.npz" for s in SEEDS]
+    with np.load(os.path.join(outdir, "000000", "000005.npz")) as new, \
+            np.load(os.path.join(reference_run, "000000", "000005.npz")) as old:
+        assert max_rel_err(new["x"], old["x"]) < 1e-5
+
+
+@pytest.mark.parametrize("text", ['{"manifest": 1, "sett', '{"manifest": 1}', '{"settings": [4]}', '[]'])
+def test_unreadable_manifest_is_refused_unless_forced(reference_run, tmp_path, capsys, text):
+    outdir = copy_of(reference_run, tmp_path)
+    with open(os.path.join(outdir, "manifest.json"), "w") as f:
+        f.write(text)
+    assert run_common(outdir=outdir) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert run_common("--force", outdir=outdir) == 0
+    assert json.load(open(os.path.join(outdir, "manifest.json")))["settings"]["steps"] == 4
+
+
+def truncate(path):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+
+
+def empty(path):
+    open(path, "wb").close()
+
+
+def garble_end(path):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:-20] + b"\0" * 20)
+
+
+@pytest.mark.parametrize("spoil", [truncate, empty, garble_end])
+def test_unreadable_npz_is_sampled_again(reference_run, tmp_path, spoil):
+    outdir = copy_of(reference_run, tmp_path)
+    ids = file_ids(result_files(outdir))
+    spoiled = os.path.join(outdir, "000000", "000007.npz")
+    spoil(spoiled)
+    assert run_common(outdir=outdir) == 0
+    assert read_bytes(result_files(outdir)) == read_bytes(result_files(reference_run))
+    assert {p: v for p, v in file_ids(result_files(outdir)).items() if p != spoiled} == \
+        {p: v for p, v in ids.items() if p != spoiled}  # only the spoiled file was written
+    assert records(outdir)[-1]["counts"]["written"] == 1
+
+
+@pytest.mark.parametrize("spoil", [truncate, empty, garble_end])
+def test_unreadable_png_is_sampled_again(tmp_path, spoil):
+    outdir = str(tmp_path / "png")
+    argv = ["sample", "--net", "nets_for_cli:tiny_net", "--seeds", "0-3", "--batch", "2", "--steps", "3",
+            "--outdir", outdir]
+    assert main(argv) == 0
+    before = read_bytes(result_files(outdir, "png"))
+    spoil(os.path.join(outdir, "000000", "000002.png"))
+    assert main(argv) == 0
+    assert read_bytes(result_files(outdir, "png")) == before
+    assert records(outdir)[-1]["counts"]["written"] == 1
+
+
+# ---------------------------------------------------------------- writing: atomic, concurrent, failing
+
+def test_writers_of_one_path_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """A second writer of the same file finishes between the first one's write and rename."""
+    path = str(tmp_path / "000000.npz")
+    real_replace = os.replace
+
+    def replace_after_another_writer(source, target):
+        monkeypatch.setattr(os, "replace", real_replace)
+        sample_cli.write_atomically(path, b"the other writer's")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_after_another_writer)
+    sample_cli.write_atomically(path, b"mine")
+    assert open(path, "rb").read() == b"mine"
+    assert os.listdir(tmp_path) == ["000000.npz"]
+
+
+RACING_RUN = """
+import os, sys, time
+barrier, name = sys.argv[1], sys.argv[2]
+real_replace = os.replace
+def slow_replace(source, target):  # widens the window between writing a file and renaming it
+    if target.endswith(".npz"):
+        time.sleep(0.3)
+    real_replace(source, target)
+os.replace = slow_replace
+from fastguide.cli import main
+open(os.path.join(barrier, name), "w").close()
+while len(os.listdir(barrier)) < 2:
+    time.sleep(0.005)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_two_processes_on_one_outdir(reference_run, tmp_path):
+    """Two runs started together write the same files at the same time: both succeed, files whole."""
+    outdir, barrier = str(tmp_path / "shared"), tmp_path / "barrier"
+    barrier.mkdir()
+    argv = ["sample", *COMMON, "--seeds", "0-5", "--outdir", outdir]
+    processes = [subprocess.Popen([sys.executable, "-c", RACING_RUN, str(barrier), name, *argv],
+                                  env=subprocess_env(), cwd=str(tmp_path), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    errors = [p.communicate(timeout=240)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(e[-2000:] for e in errors)
+    assert read_bytes(result_files(outdir)) == read_bytes(result_files(reference_run)[:6])
+    assert not glob.glob(os.path.join(outdir, "*", ".*"))
+
+
+def test_failed_write_leaves_no_partial_file_and_the_rerun_completes(reference_run, tmp_path, monkeypatch, capsys):
+    """The rename of seed 5's file fails (say, the disk is full): the run stops naming it, every visible
+    file is whole, no temporary file is left, and the rerun writes the rest."""
+    outdir = str(tmp_path / "failing")
+    real_replace = os.replace
+
+    def failing_replace(source, target):
+        if target.endswith("000005.npz"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    assert run_common(outdir=outdir) == 1
+    err = capsys.readouterr().err
+    (line,) = error_lines(err)
+    assert "seed 5: cannot write" in line and line.endswith("000005.npz: No space left on device")
+    assert sorted(os.listdir(os.path.join(outdir, "000000"))) == [f"{s:06d}.npz" for s in range(5)]
+    for path in result_files(outdir):
+        with np.load(path) as data:
+            assert data["x"].shape == (3, 8, 8)
+    ids = file_ids(result_files(outdir))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert run_common(outdir=outdir) == 0
+    assert read_bytes(result_files(outdir)) == read_bytes(result_files(reference_run))
+    assert {p: file_ids(result_files(outdir))[p] for p in ids} == ids
+    assert not glob.glob(os.path.join(outdir, "*", ".*"))
+
+
+def test_stale_temporary_files_are_removed_and_live_ones_kept(reference_run, tmp_path):
+    outdir = copy_of(reference_run, tmp_path)
+    folder = os.path.join(outdir, "000000")
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    running = subprocess.Popen(["sleep", "60"])
+    host = sample_cli.HOST
+    try:
+        names = dict(
+            dead_writer=f".000003.npz~{host}~{finished.pid}~0a1b2c3d.tmp",
+            live_writer=f".000004.npz~{host}~{running.pid}~0a1b2c3d.tmp",
+            old_elsewhere=".000005.npz~other-host~123~0a1b2c3d.tmp",
+            new_elsewhere=".000006.npz~other-host~123~0a1b2c3d.tmp",
+            not_ours=".000007.npz.keep",
+        )
+        for name in names.values():
+            open(os.path.join(folder, name), "wb").close()
+        two_hours_ago = time.time() - 7200
+        os.utime(os.path.join(folder, names["old_elsewhere"]), (two_hours_ago, two_hours_ago))
+        assert run_common(outdir=outdir) == 0
+        hidden = sorted(name for name in os.listdir(folder) if name.startswith("."))
+        assert hidden == sorted([names["live_writer"], names["new_elsewhere"], names["not_ours"]])
+    finally:
+        running.kill()
+        running.wait()
+
+
+# ---------------------------------------------------------------- failures during sampling
+
+def test_non_finite_batch_is_not_written_and_its_seeds_are_named(tmp_path, capsys):
+    """The net gives NaN for the last batch only (of one seed): the other batches are written."""
+    outdir = str(tmp_path / "nan")
+    argv = ["sample", "--net", "nets_for_cli:lonely_nan_net", "--seeds", "0-4", "--batch", "2", "--steps", "3",
+            "--format", "npz", "--outdir", outdir]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert error_lines(err) == ["fastguide sample: error: seeds 4 were not written: step 0 (euler evaluation at "
+                                "sigma=80): net returned non-finite values (NaN or inf)"]
+    assert [os.path.basename(p) for p in result_files(outdir)] == [f"{s:06d}.npz" for s in range(4)]
+    (record,) = records(outdir)
+    assert record["counts"]["written"] == 4 and record["counts"]["failed"] == 1
+
+
+def test_non_finite_samples_are_not_written(tmp_path, capsys, monkeypatch):
+    """Non-finite rows that the sampler returned (rather than raised for) are caught by the CLI itself."""
+    real_sample = sample_cli.sample
+
+    def first_row_nan(*args, **kwargs):
+        x, stats = real_sample(*args, **kwargs)
+        x[0] = float("nan")
+        return x, stats
+
+    monkeypatch.setattr(sample_cli, "sample", first_row_nan)
+    outdir = str(tmp_path / "nan_rows")
+    argv = ["sample", "--net", "nets_for_cli:tiny_net", "--seeds", "0-5", "--batch", "2", "--steps", "2",
+            "--format", "npz", "--outdir", outdir]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert error_lines(err) == ["fastguide sample: error: seeds 0,2,4 were not written: the sample is not finite "
+                                "(NaN or inf)"]
+    assert [os.path.basename(p) for p in result_files(outdir)] == ["000001.npz", "000003.npz", "000005.npz"]
+
+
+# ---------------------------------------------------------------- sharding across nodes
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_shard_by_rank_not_local_rank(reference_run, tmp_path):
+    """Two nodes of one process each: RANK 0 and 1, both LOCAL_RANK 0."""
+    outdir = str(tmp_path / "nodes")
+    port = str(free_port())
+    processes = [subprocess.Popen([sys.executable, "-m", "fastguide", "sample", *COMMON, "--outdir", outdir],
+                                  env=subprocess_env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2",
+                                                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                                  cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for rank in (0, 1)]
+    errors = [p.communicate(timeout=240)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(e[-2000:] for e in errors)
+    assert read_bytes(result_files(outdir)) == read_bytes(result_files(reference_run))
+    (record,) = records(outdir)
+    assert [r["written"] for r in sorted(record["ranks"], key=lambda r: r["rank"])] == [6, 6]
