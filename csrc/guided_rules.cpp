@@ -17,68 +17,17 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_lanes.h"
 #include "guided_rules.h"
 
 namespace {
 
 using at::vec::Vectorized;
+using fastguide::cpu::kStreamBytes;
+using fastguide::cpu::Lanes;
+using fastguide::cpu::stream_fence;
 
 constexpr int64_t kApplyBlock = 1 << 14;  // elements per apply task (whole vectors within a sample)
-// Outputs at least this large take non-temporal (streaming) stores: they leave the cache before
-// they are read again, and streaming skips reading each line before writing it.
-constexpr int64_t kStreamBytes = int64_t(8) << 20;
-
-#if defined(CPU_CAPABILITY_AVX2)
-inline void stream_vector(float* p, const Vectorized<float>& v) { _mm256_stream_ps(p, v); }
-inline void stream_vector(double* p, const Vectorized<double>& v) { _mm256_stream_pd(p, v); }
-template <typename half_t>
-inline void stream_vector(half_t* p, const Vectorized<half_t>& v) {
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
-}
-inline void stream_fence() { _mm_sfence(); }
-#else
-template <typename scalar_t, typename V>
-inline void stream_vector(scalar_t* p, const V& v) { v.store(p); }
-inline void stream_fence() {}
-#endif
-
-// A run of kSize elements of scalar_t as kParts vectors of the math type (float for half types).
-// Loads of fewer than kSize elements fill the rest with zeros.
-template <typename scalar_t>
-struct Lanes {
-  using Math = Vectorized<scalar_t>;
-  static constexpr int64_t kSize = Math::size();
-  static constexpr int kParts = 1;
-  static void load(const scalar_t* p, int64_t count, Math* parts) {
-    parts[0] = count == kSize ? Math::loadu(p) : Math::loadu(p, count);
-  }
-  static void store(scalar_t* p, int64_t count, const Math* parts, bool streaming = false) {
-    if (count != kSize) return parts[0].store(p, count);
-    streaming ? stream_vector(p, parts[0]) : parts[0].store(p);
-  }
-};
-
-template <typename half_t>
-struct HalfLanes {
-  using Math = Vectorized<float>;
-  using Storage = Vectorized<half_t>;
-  static constexpr int64_t kSize = Storage::size();
-  static constexpr int kParts = 2;
-  static void load(const half_t* p, int64_t count, Math* parts) {
-    Storage v = count == kSize ? Storage::loadu(p) : Storage::loadu(p, count);
-    std::tie(parts[0], parts[1]) = at::vec::convert_to_float<half_t>(v);
-  }
-  static void store(half_t* p, int64_t count, const Math* parts, bool streaming = false) {
-    Storage v = at::vec::convert_from_float<half_t>(parts[0], parts[1]);
-    if (count != kSize) return v.store(p, count);
-    streaming ? stream_vector(p, v) : v.store(p);
-  }
-};
-
-template <>
-struct Lanes<at::Half> : HalfLanes<at::Half> {};
-template <>
-struct Lanes<at::BFloat16> : HalfLanes<at::BFloat16> {};
 
 template <typename V>
 double lane_sum(const V& v) {

@@ -10,6 +10,7 @@ import fastguide
 from fastguide import dispatch, reference, rules
 from fastguide.guidance import GuidedDenoiser
 from fastguide._threads import torch_threads
+from tests.tiny_nets import SigmaLinear
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.guiders import (AdaptiveProjectedGuidance, ClassifierFreeGuidance,  # noqa: E402
@@ -546,18 +547,9 @@ def test_rule_step_traces_whole_with_fullgraph():
     torch.compile(fullgraph=True), two calls, the same bits as eager."""
     from fastguide import core, plan
 
-    class Linear(torch.nn.Module):
-        def __init__(self, seed):
-            super().__init__()
-            torch.manual_seed(seed)
-            self.layer = torch.nn.Linear(5, 5)
-
-        def forward(self, x, sigma, labels):
-            return self.layer(x) / (1 + sigma[:, None])
-
     torch._dynamo.reset()
     rule = rules.APG(momentum=0.5, norm_threshold=2.0, eta=0.5)
-    denoiser = GuidedDenoiser(Linear(1), Linear(2), guidance=2.0, guidance_rule=rule)
+    denoiser = GuidedDenoiser(SigmaLinear(1), SigmaLinear(2), guidance=2.0, guidance_rule=rule)
     ev = plan.build(reference.edm_sigmas(4).tolist(), "heun", denoiser.guided_at).evaluations[1]
     solver_ops = dispatch.implementation(dispatch.resolve("auto", "cpu"))
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))

@@ -10,6 +10,7 @@ import fastguide
 from fastguide import core, dispatch, plan
 from fastguide.k_diffusion import sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun
 from tests.gaussian import GaussianDenoiser
+from tests.tiny_nets import SigmaLinear
 from tests.test_sampler import edm_schedule, fixed_draws, guided_denoiser, nonlinear_net, replay, weak_net
 
 SOLVERS = fastguide.sampler.SOLVERS
@@ -226,17 +227,7 @@ def test_non_finite_predictions_are_named_after_the_run(solver):
 @pytest.mark.parametrize("stage_solver", ["euler", "heun", "dpmpp_2m", "euler_ancestral"])
 def test_one_guided_step_traces_whole_with_fullgraph(stage_solver):
     torch._dynamo.reset()
-
-    class Net(torch.nn.Module):
-        def __init__(self, seed):
-            super().__init__()
-            torch.manual_seed(seed)
-            self.layer = torch.nn.Linear(5, 5)
-
-        def forward(self, x, sigma, labels):
-            return self.layer(x) / (1 + sigma[:, None])
-
-    net, guide = Net(1), Net(2)
+    net, guide = SigmaLinear(1), SigmaLinear(2)
     denoiser = fastguide.GuidedDenoiser(net, guide, guidance=2.0)
     sigmas = edm_schedule(4)
     run_plan = plan.build(sigmas, stage_solver, denoiser.guided_at)
