@@ -207,13 +207,16 @@ def best_seconds(fn, repeats, warmup=2, device="cpu", clock="wall"):
 def check_same_result(epilogue, inputs, variants):
     """The variants compute the same step (float32 rounding apart), so the timings compare like
     with like.  Runs before any timing: each variant's first call."""
-    want = epilogue.naive(*inputs.values())
-    # naive eager rounds every intermediate to the tensors' dtype; the fused ops round once
-    tol = 1e-5 if inputs["x"].dtype in (torch.float32, torch.float64) else 3e-2
+    dtype = inputs["x"].dtype
+    # Against the naive expressions in float32 (float64 for float64): the fused ops round once to
+    # the tensors' dtype (naive eager in float16/bfloat16 rounds every intermediate).
+    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    want = epilogue.naive(*(t.to(math_dtype) for t in inputs.values()))
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 4 * torch.finfo(dtype).eps
     for name, fn in variants.items():
         got = fn()
         for a, b in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, want))):
-            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(a.to(math_dtype), b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
 def measure(name, numel, repeats, backend, with_compile, device="cpu", clock="wall", dtype=torch.float32):
