@@ -7,15 +7,16 @@ torch.compile of the same expressions, and a plain copy, in one run per epilogue
   D written over the one history buffer that held D_prev).
 
     python benchmarks/bench_ops.py [--epilogues heun ancestral dpmpp_2m] [--sizes 1M 16M] [--repeats 15]
-                                   [--backend cpp] [--device cpu] [--no-compile] [--threads N] [--clock wall]
+                                   [--backend cpp] [--device cpu] [--dtype float32] [--no-compile]
+                                   [--threads N] [--clock wall]
 
 Prints a markdown table per epilogue and size: the best time per step over the repeats (on a
 shared, noisy machine the minimum is the steadiest estimate of what the code costs), speed-up
-over naive eager, and the bandwidth achieved over the bytes the fused ops must move (heun: 40,
-ancestral and dpmpp_2m: 24 bytes per float32 element per step), next to the copy's bandwidth
-(read + write: 8 bytes per element).  The fused ops run twice: without and with the non-finite
-flags (the sampler passes them).  The noise of the ancestral step is drawn before timing, for
-every variant alike.
+over naive eager, and the bandwidth achieved over the bytes the fused ops must move (heun: 10,
+ancestral and dpmpp_2m: 6 tensors read or written per step: 40 and 24 bytes per float32 element),
+next to the copy's bandwidth (read + write: 8 bytes per float32 element).  The fused ops run
+twice: without and with the non-finite flags (the sampler passes them).  The noise of the
+ancestral step is drawn before timing, for every variant alike.  The roofline line is for float32.
 """
 import argparse
 import dataclasses
@@ -29,7 +30,7 @@ from fastguide import ops, reference
 GUIDANCE, T_CUR, T_NEXT = 2.5, 1.3, 0.9
 SIGMA_PREV = 1.8  # the previous step's σ, for the second-order DPM-Solver++(2M) step
 S_NOISE = 1.0
-COPY_BYTES_PER_ELEMENT = 8
+COPY_TENSORS = 2  # the copy reads one tensor and writes one
 H100_BANDWIDTH = 3.0e12  # bytes/s, HBM3 (H100 SXM, 3.35 TB/s peak; 3.0 as an achievable figure)
 
 
@@ -142,7 +143,7 @@ def fused_dpmpp_2m_fn(inputs, backend, with_flags=False):
 @dataclasses.dataclass(frozen=True)
 class Epilogue:
     inputs: tuple        # names of the float32 inputs
-    fused_bytes: int     # bytes per element the fused ops must move
+    fused_tensors: int   # tensors the fused ops must read or write per step (bytes: × element size)
     naive: object        # (*inputs) -> result(s)
     fused: object        # (inputs, backend, with_flags) -> step function returning the same result(s)
     compiled: object     # () -> the naive step with torch.compile'd pieces
@@ -155,21 +156,21 @@ def compiled_heun_step():
 
 EPILOGUES = {
     # Euler: read x, d_main, d_guide, write x_next, deriv; Heun: read x, deriv, d_main, d_guide, write x_next
-    "heun": Epilogue(("x", "d_main", "d_guide", "d_main_next", "d_guide_next"), 40, naive_step, fused_step_fn,
+    "heun": Epilogue(("x", "d_main", "d_guide", "d_main_next", "d_guide_next"), 10, naive_step, fused_step_fn,
                      compiled_heun_step),
     # read x, cond, uncond, noise; write x_next, deriv
-    "ancestral": Epilogue(("x", "cond", "uncond", "noise"), 24, naive_ancestral, fused_ancestral_fn,
+    "ancestral": Epilogue(("x", "cond", "uncond", "noise"), 6, naive_ancestral, fused_ancestral_fn,
                           lambda: torch.compile(naive_ancestral, fullgraph=True, dynamic=False)),
     # read x, cond, uncond, D_prev; write x_next, D
-    "dpmpp_2m": Epilogue(("x", "cond", "uncond", "old_denoised"), 24, naive_dpmpp_2m, fused_dpmpp_2m_fn,
+    "dpmpp_2m": Epilogue(("x", "cond", "uncond", "old_denoised"), 6, naive_dpmpp_2m, fused_dpmpp_2m_fn,
                          lambda: torch.compile(naive_dpmpp_2m, fullgraph=True, dynamic=False)),
 }
 
 
-def make_inputs(numel, seed=0, names=EPILOGUES["heun"].inputs, device="cpu"):
-    """The named inputs, float32, random."""
+def make_inputs(numel, seed=0, names=EPILOGUES["heun"].inputs, device="cpu", dtype=torch.float32):
+    """The named inputs, random."""
     generator = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(numel, generator=generator).to(device) for name in names}
+    return {name: torch.randn(numel, generator=generator).to(device, dtype) for name in names}
 
 
 def copy_fn(inputs):
@@ -206,17 +207,22 @@ def best_seconds(fn, repeats, warmup=2, device="cpu", clock="wall"):
 def check_same_result(epilogue, inputs, variants):
     """The variants compute the same step (float32 rounding apart), so the timings compare like
     with like.  Runs before any timing: each variant's first call."""
-    want = epilogue.naive(*inputs.values())
+    dtype = inputs["x"].dtype
+    # Against the naive expressions in float32 (float64 for float64): the fused ops round once to
+    # the tensors' dtype (naive eager in float16/bfloat16 rounds every intermediate).
+    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    want = epilogue.naive(*(t.to(math_dtype) for t in inputs.values()))
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 4 * torch.finfo(dtype).eps
     for name, fn in variants.items():
         got = fn()
         for a, b in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, want))):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(a.to(math_dtype), b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
-def measure(name, numel, repeats, backend, with_compile, device="cpu", clock="wall"):
+def measure(name, numel, repeats, backend, with_compile, device="cpu", clock="wall", dtype=torch.float32):
     """{variant: seconds per step} for one epilogue and size."""
     epilogue = EPILOGUES[name]
-    inputs = make_inputs(numel, names=epilogue.inputs, device=device)
+    inputs = make_inputs(numel, names=epilogue.inputs, device=device, dtype=dtype)
     variants = {"naive eager": lambda: epilogue.naive(*inputs.values())}
     if with_compile:
         compiled = epilogue.compiled()
@@ -228,17 +234,18 @@ def measure(name, numel, repeats, backend, with_compile, device="cpu", clock="wa
     return {variant: best_seconds(fn, repeats, device=device, clock=clock) for variant, fn in variants.items()}
 
 
-def table(name, numel, seconds):
+def table(name, numel, seconds, element_size=4):
     naive = seconds["naive eager"]
-    fused_bytes = EPILOGUES[name].fused_bytes
+    fused_bytes = EPILOGUES[name].fused_tensors * element_size
+    copy_bytes = COPY_TENSORS * element_size
     copy_name = next(variant for variant in seconds if variant.startswith("copy"))
-    copy_bandwidth = COPY_BYTES_PER_ELEMENT * numel / seconds[copy_name]
+    copy_bandwidth = copy_bytes * numel / seconds[copy_name]
     rows = [f"{name}, {fused_bytes} fused bytes/element",
             "",
             "| elements | variant | time/step (ms) | speed-up vs naive | GB/s over fused bytes | % of copy GB/s |",
             "|---:|---|---:|---:|---:|---:|"]
     for variant, t in seconds.items():
-        bytes_moved = (COPY_BYTES_PER_ELEMENT if variant == copy_name else fused_bytes) * numel
+        bytes_moved = (copy_bytes if variant == copy_name else fused_bytes) * numel
         bandwidth = bytes_moved / t
         rows.append(f"| {numel:,} | {variant} | {t * 1e3:.2f} | {naive / t:.2f}x | {bandwidth / 1e9:.1f} | "
                     f"{100 * bandwidth / copy_bandwidth:.0f} % |")
@@ -246,7 +253,7 @@ def table(name, numel, seconds):
 
 
 def h100_roofline(name, numel):
-    fused = EPILOGUES[name].fused_bytes * numel
+    fused = EPILOGUES[name].fused_tensors * 4 * numel
     return (f"H100 roofline at {numel:,} float32 elements: the fused {name} step moves {fused / 1e6:.0f} MB -> "
             f"{fused / H100_BANDWIDTH * 1e3:.3f} ms at {H100_BANDWIDTH / 1e12:.1f} TB/s")
 
@@ -263,6 +270,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--backend", default="cpp")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (with --backend cuda or triton)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every variant (default: torch's); 1 on an oversubscribed machine")
@@ -273,13 +281,15 @@ def main():
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and (torch.get_num_threads() != 1 or args.device != "cpu"):
         parser.error("--clock cpu counts the calling thread only: use it with --threads 1 on --device cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+    dtype = getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {args.dtype}, "
           f"backend {args.backend}, best of {args.repeats}, {args.clock} clock\n")
     for name in args.epilogues:
         for size in args.sizes:
             numel = parse_size(size)
-            print(table(name, numel, measure(name, numel, args.repeats, args.backend, not args.no_compile,
-                                             args.device, args.clock)))
+            seconds = measure(name, numel, args.repeats, args.backend, not args.no_compile, args.device, args.clock,
+                              dtype)
+            print(table(name, numel, seconds, dtype.itemsize))
             print(f"\n{h100_roofline(name, numel)}\n", flush=True)
 
 

@@ -524,7 +524,8 @@ def test_cpp_results_do_not_depend_on_thread_count(op, generator):
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_outputs_may_alias_inputs(backend, device, generator):
-    """In-place use: out is x, deriv_out is d_guide, Heun's out is deriv or d_main, or out partly overlaps x."""
+    """In-place use: out is x, deriv_out is d_guide, the ancestral step's out is noise, Heun's out is
+    x, deriv or d_main, or out partly overlaps x."""
     shape, w, t_cur, t_next = (5, 9), 2.5, 3.1, 1.2
     x, d_main, d_guide, deriv = inputs_for(generator, shape, None, torch.float32, device)
     expected_next, expected_deriv = euler64(x, d_main, d_guide, w, t_cur, t_next)
@@ -542,7 +543,7 @@ def test_outputs_may_alias_inputs(backend, device, generator):
     assert_matches("out=noise", noise_inplace, expected_ancestral)
 
     expected_heun = heun64(x, deriv, d_main, d_guide, w, t_cur, t_next)
-    for target in ("deriv", "d_main"):
+    for target in ("x", "deriv", "d_main"):
         args = dict(x=x.clone(), deriv=deriv.clone(), d_main=d_main.clone())
         ops.guided_heun(args["x"], args["deriv"], args["d_main"], d_guide, w, t_cur, t_next, out=args[target],
                         backend=backend)
