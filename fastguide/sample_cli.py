@@ -376,7 +376,7 @@ def _rule_value(item, text, default):
 
 def _conditioning_kind(args, source, seeds, device):
     """(number of classes for one-hot labels, whether CFG has unconditional labels).  A factory that gives
-    its conditioning is called once here, on the first seed, to check what it returns."""
+    its conditioning is called once here, on the first two seeds, to check what it returns."""
     if source.conditioning is None:
         num_classes = _num_classes(args, source.denoiser)
         return num_classes, bool(num_classes)
@@ -384,7 +384,7 @@ def _conditioning_kind(args, source, seeds, device):
                           ("--null-class", args.null_class)):
         if value is not None:
             raise UsageError(f"{option} does not apply: the --net factory gives the conditioning")
-    _, guide_labels = factory_conditioning(source.conditioning, seeds[:1], device, args.net)
+    _, guide_labels = factory_conditioning(source.conditioning, seeds[:2], device, args.net)
     return 0, guide_labels is not None
 
 
