@@ -401,6 +401,11 @@ class FlowMatchDenoiser(nn.Module):
         self.img_resolution = _config_int(model_config, "sample_size")
         self.label_dim = 0
 
+    @staticmethod
+    def signal_scale(t):
+        """α(t) = 1 − t of x_t = (1 − t)·x0 + t·ε: fastguide.sample's DPM-Solver++(2M) uses it."""
+        return 1.0 - t
+
     def forward(self, x, sigma, labels=None, **cond):
         kwargs = _route_conditioning(self._accepted, self.model,
                                      _merge_conditioning(labels, cond, "encoder_hidden_states"), FLOW_RESERVED)

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from fastguide import reference
+from fastguide import reference, rules
 from fastguide.evaluator import DenoiserOutputError
 
 
@@ -46,21 +46,32 @@ def epilogue(ops, ev, bufs, d_main, d_guide, guidance, flag, noise=None):
                          deriv_out=bufs.deriv, noise=noise, noise_scale=ev.noise_scale or 0.0, flags=flag)
 
 
-def guided_step(evaluator, ops, ev, bufs, labels, guidance, flag, noise=None):
-    """One evaluation and its epilogue: what torch.compile(fullgraph=True) can capture whole."""
+def guided_step(evaluator, ops, ev, bufs, labels, guidance, flag, noise=None, rule_run=None):
+    """One evaluation and its epilogue: what torch.compile(fullgraph=True) can capture whole.
+    rule_run (fastguide.rules.RuleRun): a guidance rule other than Lerp with one scalar weight."""
     x_in = bufs.x_next if ev.stage == "heun" else bufs.x
     d_main, d_guide = evaluator.predictions(x_in, ev.sigma, labels, ev.guided)
-    epilogue(ops, ev, bufs, d_main, d_guide, guidance, flag, noise)
+    if rule_run is None:
+        epilogue(ops, ev, bufs, d_main, d_guide, guidance, flag, noise)
+    else:
+        rule_run.epilogue(ops, ev, bufs, x_in, d_main, d_guide, flag, noise, epilogue)
     return d_main, d_guide
 
 
-def run(plan, evaluator, x, labels, guidance, ops, *, randn=None, callback=None, progress=False, check_finite=True):
+def run(plan, evaluator, x, labels, guidance, ops, *, randn=None, callback=None, progress=False, check_finite=True,
+        rule=None, rule_ops=None):
     """Executes `plan` from x (the noised start, owned by the run) and returns the final x.
 
     randn(x, step) draws churn and ancestral noise like x; callback(info) runs after each step with
     info = dict(i, sigma, sigma_hat, sigma_next, x: the new x, x_hat: x at σ̂ before the step,
-    denoised: the step's guided D); x and x_hat are the run's buffers: clone them to keep them."""
+    denoised: the step's guided D); x and x_hat are the run's buffers: clone them to keep them.
+    rule: a fastguide.rules rule (None: Lerp), run with the "rules" ops module rule_ops; guidance
+    may then be a float64 tensor [B] of per-sample weights.  The rule's state (APG's momentum)
+    lives for this run only."""
     bufs = Buffers.allocate(x, plan.solver)
+    rule_run = None
+    if rule is not None and rules.uses_rule_path(rule, guidance):
+        rule_run = rules.RuleRun(rule, guidance, rule_ops, x.device)
     flags = torch.zeros(len(plan.evaluations), dtype=torch.int32, device=x.device)
     bar = _progress_bar(plan.num_steps) if progress else None
     first_predictions = None
@@ -71,7 +82,8 @@ def run(plan, evaluator, x, labels, guidance, ops, *, randn=None, callback=None,
                     bufs.x.add_(randn(bufs.x, plan.steps[ev.step]), alpha=ev.churn_std)
                 noise = randn(bufs.x, plan.steps[ev.step]) if ev.noise_scale is not None else None
                 try:
-                    predictions = guided_step(evaluator, ops, ev, bufs, labels, guidance, flags[e:e + 1], noise)
+                    predictions = guided_step(evaluator, ops, ev, bufs, labels, guidance, flags[e:e + 1], noise,
+                                              rule_run)
                 except DenoiserOutputError as exc:
                     raise DenoiserOutputError(f"{_where(ev)}: {exc}") from None
                 if ev.stage != "heun":
@@ -81,7 +93,7 @@ def run(plan, evaluator, x, labels, guidance, ops, *, randn=None, callback=None,
                 if callback is not None:
                     if check_finite:
                         raise_non_finite(plan, flags[:e + 1], evaluator)
-                    callback(_step_info(plan.steps[ev.step], bufs, first_predictions, guidance))
+                    callback(_step_info(plan.steps[ev.step], bufs, first_predictions, guidance, rule_run))
                 bufs.swap()
                 if bar is not None:
                     bar.update(1)
@@ -110,10 +122,12 @@ def raise_non_finite(plan, flags, evaluator):
                                  "the values overflow the sampling dtype")
 
 
-def _step_info(step, bufs, predictions, guidance):
+def _step_info(step, bufs, predictions, guidance, rule_run=None):
     """The callback's view of a finished step (before the buffers swap)."""
     if bufs.denoised is not None:
         denoised = bufs.denoised
+    elif rule_run is not None:  # the fused rule path writes no D: recovered from deriv = (x − D)/σ̂
+        denoised = bufs.x - step.sigma_hat * bufs.deriv
     else:
         denoised = reference.guide(*predictions, guidance)
     return dict(i=step.i, sigma=step.sigma, sigma_hat=step.sigma_hat, sigma_next=step.sigma_next,

@@ -13,14 +13,15 @@ import numbers
 import torch
 from torch import nn
 
-from fastguide import batching, conditioning, ops, reference
+from fastguide import batching, conditioning, ops, reference, rules
 from fastguide.evaluator import DenoiserOutputError, Evaluator
 
 __all__ = ["GuidedDenoiser", "DenoiserOutputError", "check_guidance", "check_interval", "check_sigma"]
 
 
 def check_guidance(guidance, argument="guidance"):
-    return ops.check_real(argument, guidance)
+    """A float, or a float64 CPU tensor [B] of per-sample weights (see fastguide.rules)."""
+    return rules.check_guidance(guidance, argument)
 
 
 def check_interval(guidance_interval):
@@ -75,17 +76,24 @@ class GuidedDenoiser(nn.Module):
     the predictions are valid until the next evaluation).  stats counts evaluations of net and
     guide (a CFG 2B call counts one of each).  check_finite: refuse non-finite predictions of
     direct calls (one host read per call; fastguide.sample checks on the device instead).
+
+    guidance: one weight, or a tensor [B] of per-sample weights.  guidance_rule: how the two
+    predictions combine (fastguide.rules: Lerp (the default, None), CFGRescale, APG, CFGZeroStar,
+    or a name).  A rule with state (APG's momentum, CFG-Zero*'s step count) keeps it, across
+    direct calls, for one run: a call at a higher σ than the previous one starts a new run, and
+    each direct call counts as one sampler step.
     """
 
     def __init__(self, net, guide=None, guidance=1.0, guide_labels=None, guidance_interval=None,
-                 strategy="auto", compile=False, check_finite=True, cast_outputs=False):
+                 strategy="auto", compile=False, check_finite=True, cast_outputs=False, guidance_rule=None):
         super().__init__()
         if not callable(net):
             raise TypeError(f"net must be callable, got {type(net).__name__}")
         if guide is not None and not callable(guide):
             raise TypeError(f"guide must be callable or None, got {type(guide).__name__}")
         self.guidance = check_guidance(guidance)
-        if self.guidance != 1 and guide is None and guide_labels is None:
+        self.rule = rules.resolve(guidance_rule)
+        if not rules.all_one(self.guidance) and guide is None and guide_labels is None:
             raise ValueError(f"guidance={self.guidance} needs a guide or guide_labels (CFG); got neither")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}")
@@ -94,6 +102,7 @@ class GuidedDenoiser(nn.Module):
         self.evaluator = Evaluator(net, guide, guide_labels, batching.check_strategy(strategy), compile,
                                    cast_outputs)
         self.net, self.guide = net, guide
+        self._direct = None  # (RuleRun, x's shape, last σ, next step) of direct calls with a rule
 
     guide_labels = property(lambda self: self.evaluator.guide_labels)
     strategy = property(lambda self: self.evaluator.strategy)
@@ -105,12 +114,18 @@ class GuidedDenoiser(nn.Module):
 
     def guided_at(self, sigma):
         """Whether the guide is evaluated at noise level sigma (a float)."""
-        return self.guidance != 1 and reference.in_interval(sigma, self.guidance_interval)
+        return not rules.all_one(self.guidance) and reference.in_interval(sigma, self.guidance_interval)
+
+    @property
+    def guide_from_step(self):
+        """The first sampler step where the rule reads the predictions (CFG-Zero*'s zero init)."""
+        return self.rule.zero_init_steps
 
     def check_labels(self, labels, batch):
-        """Validates labels (and guide_labels) for a batch, before any model call."""
+        """Validates labels (and guide_labels) and per-sample weights for a batch, before any model call."""
         conditioning.check("labels", labels, batch)
-        if self.guidance == 1:
+        rules.check_guidance_batch(self.guidance, batch)
+        if rules.all_one(self.guidance):
             return
         conditioning.check("guide_labels", self.guide_labels, batch)
         if self.guide is None:
@@ -136,6 +151,8 @@ class GuidedDenoiser(nn.Module):
         labels = extra_args.pop("class_labels", extra_args.pop("cond", labels)) if labels is None else labels
         if extra_args:
             raise TypeError(f"GuidedDenoiser got unexpected keyword arguments {sorted(extra_args)}")
+        if rules.uses_rule_path(self.rule, self.guidance):
+            return self._rule_forward(x, sigma, labels)
         d_main, d_guide = self.predictions(x, sigma, labels)
         if d_guide is None:
             return d_main
@@ -143,4 +160,20 @@ class GuidedDenoiser(nn.Module):
         if self.evaluator.compile:
             combine = self.evaluator._compiled_fn("combine", reference.guide, x.device)
         return combine(d_main, d_guide, self.guidance)
+
+    def _rule_forward(self, x, sigma, labels):
+        """A direct call with a rule: its state carries over calls of one run (see the class)."""
+        check_x(x)
+        sigma_value = check_sigma(sigma, x.shape[0])
+        run, shape, last_sigma, step = self._direct or (None, None, None, 0)
+        if run is None or sigma_value > last_sigma or shape != tuple(x.shape):
+            run, step = rules.RuleRun(self.rule, self.guidance, rules.rule_ops("auto", x.device), x.device), 0
+        if step < self.rule.zero_init_steps:  # the prediction is zero whatever the models say: no guide
+            self.check_labels(labels, x.shape[0])
+            d_main, d_guide = self.evaluator.predictions(x, sigma_value, labels, False)
+        else:
+            d_main, d_guide = self.predictions(x, sigma_value, labels)
+        out = run.denoise(x, d_main, d_guide, sigma_value, step)
+        self._direct = (run, tuple(x.shape), sigma_value, step + 1)
+        return out
 

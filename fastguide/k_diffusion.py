@@ -4,13 +4,14 @@ on fastguide's sampler core.
 Same signatures, call convention (model(x, sigma * s_in, **extra_args) with s_in = x.new_ones([B])),
 churn, callback dict and progress bar as k_diffusion.sampling.  When `model` is a GuidedDenoiser its
 two predictions go to the fused epilogue separately, so the guidance combination costs no extra
-pass; any other model's D goes in alone.  The input x is not modified; the callback gets copies,
+pass, and its guidance rule (fastguide.rules) and per-sample weights apply fused with the update;
+any other model's D goes in alone.  The input x is not modified; the callback gets copies,
 as k-diffusion's callbacks may keep them.
 """
 
 import torch
 
-from fastguide import core, dispatch, ops, plan
+from fastguide import core, dispatch, ops, plan, rules
 from fastguide.evaluator import Evaluator
 from fastguide.guidance import GuidedDenoiser, check_x
 from fastguide.sampler import check_callable, check_sigmas
@@ -63,7 +64,11 @@ def _sample(model, x, sigmas, extra_args, callback, disable, solver, options, ra
         raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
     check_callable("callback", callback)
     evaluator, labels, guidance, guided_at = _evaluation(model, x, extra_args or {})
-    run_plan = plan.build(t_steps, solver, guided_at, **options)
+    rule = model.rule if isinstance(model, GuidedDenoiser) else None
+    rule_ops = None
+    if rule is not None and rules.uses_rule_path(rule, guidance):
+        rule_ops = rules.rule_ops("auto", x.device)
+    run_plan = plan.build(t_steps, solver, guided_at, guide_from_step=rule.zero_init_steps if rule else 0, **options)
     backend = dispatch.implementation(dispatch.resolve("auto", x.device))
     x_start = x.clone(memory_format=torch.contiguous_format)
     randn = randn or (lambda x_, step: torch.randn_like(x_))
@@ -74,7 +79,8 @@ def _sample(model, x, sigmas, extra_args, callback, disable, solver, options, ra
                 callback({'x': info["x_hat"].clone(), 'i': info["i"], 'sigma': sigmas[info["i"]],
                           'sigma_hat': sigmas.new_tensor(info["sigma_hat"]), 'denoised': info["denoised"].clone()})
             bar.update(1)
-        return core.run(run_plan, evaluator, x_start, labels, guidance, backend, randn=randn, callback=on_step)
+        return core.run(run_plan, evaluator, x_start, labels, guidance, backend, randn=randn, callback=on_step,
+                        rule=rule, rule_ops=rule_ops)
 
 
 def _evaluation(model, x, extra_args):

@@ -59,9 +59,13 @@ class Plan:
         return len(self.sigmas) - 1
 
 
-def build(sigmas, solver, guided_at, *, S_churn=0.0, S_min=0.0, S_max=math.inf, S_noise=1.0, eta=1.0):
+def build(sigmas, solver, guided_at, *, S_churn=0.0, S_min=0.0, S_max=math.inf, S_noise=1.0, eta=1.0,
+          guide_from_step=0, signal_scale=None):
     """The plan for a validated schedule `sigmas` (floats) and solver; guided_at(σ) says whether
-    the guide runs at noise level σ.  Churn (S_*) applies to Euler and Heun only."""
+    the guide runs at noise level σ, and it never runs before step guide_from_step (a guidance rule
+    that ignores the predictions there: CFG-Zero*'s zero init).  Churn (S_*) applies to Euler and
+    Heun only.  signal_scale(σ): α of x_σ = α·x0 + σ·ε (None: 1), which DPM-Solver++(2M)'s
+    coefficients depend on (Euler and Heun solve the same ODE whatever α is)."""
     num_steps = len(sigmas) - 1
     evaluations, steps = [], []
     for i in range(num_steps):
@@ -70,14 +74,20 @@ def build(sigmas, solver, guided_at, *, S_churn=0.0, S_min=0.0, S_max=math.inf, 
         t_hat = t_cur + gamma * t_cur
         churn_std = math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise if gamma > 0 else 0.0
         steps.append(Step(i, t_cur, t_hat, t_next))
-        evaluations += _step_evaluations(solver, i, sigmas, t_hat, churn_std, guided_at, S_noise, eta)
+        step_guided_at = guided_at if i >= guide_from_step else _never
+        evaluations += _step_evaluations(solver, i, sigmas, t_hat, churn_std, step_guided_at, S_noise, eta,
+                                         signal_scale)
     return Plan(tuple(sigmas), solver, tuple(evaluations), tuple(steps))
 
 
-def _step_evaluations(solver, i, sigmas, t_hat, churn_std, guided_at, S_noise, eta):
+def _never(sigma):
+    return False
+
+
+def _step_evaluations(solver, i, sigmas, t_hat, churn_std, guided_at, S_noise, eta, signal_scale):
     t_cur, t_next = sigmas[i], sigmas[i + 1]
     if solver == "dpmpp_2m":
-        coefs = reference.dpmpp_2m_coefficients(sigmas[i - 1] if i > 0 else None, t_cur, t_next)
+        coefs = reference.dpmpp_2m_coefficients(sigmas[i - 1] if i > 0 else None, t_cur, t_next, signal_scale)
         return [Evaluation(i, "dpmpp_2m", t_cur, guided_at(t_cur), t_cur, t_next, coefs=coefs)]
     if solver == "euler_ancestral":
         sigma_down, sigma_up = reference.ancestral_step(t_cur, t_next, eta)

@@ -107,19 +107,33 @@ def guided_dpmpp_2m(x, d_main, d_guide, denoised_prev, guidance, x_coef, d_coef,
     return x_next, _write(denoised.to(x.dtype), denoised_out)
 
 
-def dpmpp_2m_coefficients(sigma_prev, sigma, sigma_next):
-    """(x_coef, d_coef, prev_coef) of DPM-Solver++(2M) (Lu et al. 2022) in σ, as k-diffusion's
-    sample_dpmpp_2m: t = −log σ, h = t_next − t; first order (prev_coef = 0) on the first step
-    (sigma_prev None) and on a step to σ = 0, else the 2M correction with r = h_last / h."""
+def dpmpp_2m_coefficients(sigma_prev, sigma, sigma_next, signal_scale=None):
+    """(x_coef, d_coef, prev_coef) of DPM-Solver++(2M) (Lu et al. 2022) for x_σ = α(σ)·x0 + σ·ε.
+
+    α = signal_scale(σ), 1 when None (EDM's and k-diffusion's x = x0 + σ·ε, where this is
+    k-diffusion's sample_dpmpp_2m); a flow-matching model sampled in t has α = 1 − t.  With
+    λ = log(α/σ), h = λ_next − λ: x_next = (σ_next/σ)·x + α_next·(1 − e^−h)·D̂, where D̂ = D on the
+    first step (sigma_prev None) and on a step to σ = 0, else D̂ = (1 + 1/2r)·D − (1/2r)·D_prev
+    with r = h_last / h."""
     if sigma_next == 0:
         return 0.0, 1.0, 0.0
-    h = math.log(sigma) - math.log(sigma_next)
+    alpha = signal_scale or (lambda _: 1.0)
+    lam, lam_next = _log_snr(alpha(sigma), sigma), _log_snr(alpha(sigma_next), sigma_next)
+    h = lam_next - lam
     x_coef = sigma_next / sigma
-    one_minus = -math.expm1(-h)              # 1 − σ_next/σ, accurate for small h
-    if sigma_prev is None:
-        return x_coef, one_minus, 0.0
-    r = (math.log(sigma_prev) - math.log(sigma)) / h
-    return x_coef, one_minus * (1 + 1 / (2 * r)), -one_minus / (2 * r)
+    d_scale = alpha(sigma_next) * -math.expm1(-h)   # α_next·(1 − e^−h), accurate for small h
+    if sigma_prev is None or math.isinf(h):
+        return x_coef, d_scale, 0.0
+    lam_prev = _log_snr(alpha(sigma_prev), sigma_prev)
+    if math.isinf(lam_prev):                          # h_last infinite: r = ∞, first order
+        return x_coef, d_scale, 0.0
+    r = (lam - lam_prev) / h
+    return x_coef, d_scale * (1 + 1 / (2 * r)), -d_scale / (2 * r)
+
+
+def _log_snr(alpha, sigma):
+    """λ = log(α/σ); −∞ where α = 0 (a flow's pure-noise end, t = 1)."""
+    return math.log(alpha / sigma) if alpha > 0 else -math.inf
 
 
 def ancestral_step(sigma, sigma_next, eta=1.0):

@@ -9,7 +9,7 @@ import numbers
 
 import torch
 
-from fastguide import core, dispatch, ops, plan, reference
+from fastguide import core, dispatch, ops, plan, reference, rules
 from fastguide.guidance import GuidedDenoiser
 
 SOLVERS = plan.SOLVERS
@@ -66,9 +66,21 @@ def check_noise(noise, dtype):
         raise ValueError("noise must be finite; it holds NaN or inf")
 
 
-def check_solver(solver, S_churn, eta):
+def signal_scale_of(net):
+    """The net's α(σ) of x_σ = α·x0 + σ·ε if it declares one (a flow-matching adapter: 1 − t), else None."""
+    signal_scale = getattr(net, "signal_scale", None)
+    if signal_scale is not None and not callable(signal_scale):
+        raise TypeError(f"net.signal_scale must be callable (σ -> α), got {type(signal_scale).__name__}")
+    return signal_scale
+
+
+def check_solver(solver, S_churn, eta, signal_scale=None):
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if signal_scale is not None and (S_churn > 0 or solver == "euler_ancestral"):
+        what = "S_churn" if S_churn > 0 else "solver='euler_ancestral'"
+        raise ValueError(f"{what} adds noise as x = x0 + σ·ε, but net declares signal_scale (x = α(σ)·x0 + σ·ε, "
+                         "a flow-matching model): use 'euler', 'heun' or 'dpmpp_2m' without churn")
     if S_churn > 0 and solver not in ("euler", "heun"):
         raise ValueError(f"S_churn={S_churn} applies to the 'euler' and 'heun' solvers only, not {solver!r}")
     eta = ops.check_real("eta", eta, minimum=0.0, strict=False)
@@ -86,7 +98,7 @@ def sample(net, noise, *, labels=None, guide=None, guide_labels=None, guidance=1
            num_steps=EDM["num_steps"], sigma_min=EDM["sigma_min"], sigma_max=EDM["sigma_max"], rho=EDM["rho"],
            sigmas=None, solver="heun", S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, eta=1.0,
            randn_like=None, dtype=torch.float32, backend="auto", progress=False, callback=None,
-           return_stats=False, strategy="auto", compile=False):
+           return_stats=False, strategy="auto", compile=False, guidance_rule=None):
     """Draws samples from noise with the guided sampler.
 
     net, guide: denoisers (x, sigma[B], labels) -> D(x).  guidance=w: D = D0 + w·(D1 − D0).
@@ -97,9 +109,13 @@ def sample(net, noise, *, labels=None, guide=None, guide_labels=None, guidance=1
     Returns x, or (x, stats) with evaluations per sample of net and guide when return_stats.
     strategy, compile: how net and guide are evaluated together (see GuidedDenoiser).
     The callback's x, x_hat and denoised are the sampler's buffers: clone them to keep them.
+    guidance may be a tensor [B] (one weight per sample).  guidance_rule: how the predictions
+    combine, a fastguide.rules rule (None: Lerp(), D0 + w·(D1 − D0); CFGRescale, APG, CFGZeroStar)
+    or its name; its state (APG's momentum) lives for one run, fused with the solver update.
     """
     denoiser = GuidedDenoiser(net, guide, guidance=guidance, guide_labels=guide_labels,
-                              guidance_interval=guidance_interval, strategy=strategy, compile=compile)
+                              guidance_interval=guidance_interval, strategy=strategy, compile=compile,
+                              guidance_rule=guidance_rule)
     return run_sampler(denoiser, noise, labels=labels, num_steps=num_steps, sigma_min=sigma_min,
                        sigma_max=sigma_max, rho=rho, sigmas=sigmas, solver=solver, S_churn=S_churn,
                        S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta, randn_like=randn_like, dtype=dtype,
@@ -114,7 +130,8 @@ def run_sampler(denoiser, noise, *, labels=None, num_steps=EDM["num_steps"], sig
     check_noise(noise, dtype)
     denoiser.check_labels(labels, noise.shape[0])
     S_churn = ops.check_real("S_churn", S_churn, minimum=0.0, strict=False)
-    eta = check_solver(solver, S_churn, eta)
+    signal_scale = signal_scale_of(denoiser.net)
+    eta = check_solver(solver, S_churn, eta, signal_scale)
     t_steps = schedule(num_steps, sigma_min, sigma_max, rho, sigmas)
     S_noise = ops.check_real("S_noise", S_noise)
     S_min = ops.check_real("S_min", S_min, finite=False)
@@ -124,12 +141,17 @@ def run_sampler(denoiser, noise, *, labels=None, num_steps=EDM["num_steps"], sig
     check_callable("randn_like", randn_like, optional=False)
     backend = dispatch.resolve(backend, noise.device)
 
+    rule_ops = None
+    if rules.uses_rule_path(denoiser.rule, denoiser.guidance):
+        rule_ops = rules.rule_ops(backend, noise.device)
+
     run_plan = plan.build(t_steps, solver, denoiser.guided_at, S_churn=S_churn, S_min=S_min, S_max=S_max,
-                          S_noise=S_noise, eta=eta)
+                          S_noise=S_noise, eta=eta, guide_from_step=denoiser.guide_from_step,
+                          signal_scale=signal_scale)
     with torch.no_grad():  # a denoiser that needs autograd (e.g. an energy model) enables it itself
         x = core.run(run_plan, denoiser.evaluator, noise.to(dtype) * t_steps[0], labels, denoiser.guidance,
                      dispatch.implementation(backend), randn=lambda x, step: randn_like(x), callback=callback,
-                     progress=progress, check_finite=denoiser.check_finite)
+                     progress=progress, check_finite=denoiser.check_finite, rule=denoiser.rule, rule_ops=rule_ops)
     if return_stats:
         return x, dict(denoiser.stats, steps=run_plan.num_steps, solver=solver, backend=backend)
     return x
