@@ -32,12 +32,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from fastguide import conditioning, dispatch, ops
+from fastguide import conditioning, dispatch, ops, rules
 from fastguide.batching import STRATEGIES
 from fastguide.guidance import DenoiserOutputError
 from fastguide.noise import SeededRandn
 from fastguide.plan import EDM_DEFAULTS as EDM
-from fastguide.sampler import SOLVERS, check_sigmas, sample, schedule
+from fastguide.sampler import SOLVERS, check_sigmas, check_solver, sample, schedule, signal_scale_of
 
 FORMATS = ("npz", "png")
 PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -71,7 +71,8 @@ def add_arguments(parser):
     parser.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"),
                         help="guide only for sigma in (LO, HI]")
     parser.add_argument("--rule", metavar="NAME",
-                        help="guidance rule of fastguide.rules: lerp (default), cfg_rescale, apg, cfg_zero_star")
+                        help=f"how the predictions combine, a rule of fastguide.rules: {', '.join(rules.RULES)} "
+                             f"(default lerp: D0 + w·(D1 − D0))")
     parser.add_argument("--rule-arg", action="append", default=[], metavar="NAME=VALUE",
                         help="a parameter of --rule, e.g. --rule apg --rule-arg momentum=0.5 "
                              "--rule-arg norm_threshold=15 (repeatable)")
@@ -272,6 +273,7 @@ def _prepare(args, local_rank):
         _check_format(args.format, shape)
     _check_outdir(args.outdir, seeds, args.format)
     source = load_factory("--net", args.net)
+    _check_solver_for(source.denoiser, solver_options)
     guide = load_factory("--guide", args.guide).denoiser if args.guide else None
     num_classes, cfg_labels = _conditioning_kind(args, source, seeds, device)
     if args.guidance != 1 and guide is None and not cfg_labels:
@@ -318,6 +320,15 @@ def _solver_options(args):
     return options
 
 
+def _check_solver_for(net, options):
+    """Solvers that add noise as x0 + σ·ε are refused for a net that declares another signal scale (flow models)."""
+    try:
+        check_solver(options["solver"], options["S_churn"], options["eta"], signal_scale_of(net))
+    except (TypeError, ValueError) as exc:
+        option = "--churn" if options["S_churn"] > 0 else f"--solver {options['solver']}"
+        raise UsageError(f"{option} does not suit the --net denoiser: {exc}") from None
+
+
 def _given(value, default):
     return default if value is None else value
 
@@ -330,10 +341,9 @@ def guidance_rule(name, rule_args):
         if rule_args:
             raise UsageError(f"--rule-arg {rule_args[0]} needs --rule NAME")
         return None, dict(DEFAULT_RULE)
-    rules_module = _rules_module()
-    if name not in rules_module.RULES:
-        raise UsageError(f"--rule: unknown rule {name!r}; choose one of {', '.join(rules_module.RULES)}")
-    cls = rules_module.RULES[name]
+    if name not in rules.RULES:
+        raise UsageError(f"--rule: unknown rule {name!r}; choose one of {', '.join(rules.RULES)}")
+    cls = rules.RULES[name]
     parameters = inspect.signature(cls).parameters
     kwargs = {}
     for item in rule_args:
@@ -352,15 +362,6 @@ def guidance_rule(name, rule_args):
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--rule {name}: {exc}") from None
     return rule, dict(name=rule.name, **rule.params())
-
-
-def _rules_module():
-    try:
-        return importlib.import_module("fastguide.rules")
-    except ModuleNotFoundError as exc:
-        if exc.name != "fastguide.rules":
-            raise
-        raise UsageError("--rule needs fastguide.rules, which this fastguide does not have") from None
 
 
 def _rule_value(item, text, default):
@@ -857,12 +858,11 @@ def _sample_batch(plan, batch_seeds):
     randn = SeededRandn(batch_seeds, plan["device"])
     noise = randn.randn(plan["shape"])
     labels, guide_labels, classes = _labels(plan, batch_seeds, randn)
-    rule = {} if plan["rule"] is None else dict(guidance_rule=plan["rule"])
     with torch.no_grad():
         samples, stats = sample(plan["net"], noise, labels=labels, guide=plan["guide"], guide_labels=guide_labels,
                                 guidance=args.guidance, guidance_interval=args.interval, randn_like=randn,
                                 backend=args.backend, strategy=plan["strategy"], return_stats=True,
-                                **plan["schedule"], **plan["solver_options"], **rule)
+                                guidance_rule=plan["rule"], **plan["schedule"], **plan["solver_options"])
     return samples.float().cpu(), classes, stats
 
 

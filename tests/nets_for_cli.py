@@ -168,3 +168,15 @@ def short_schedule():
 
 def unsorted_shape():
     return dict(denoiser=TinyNet(seed=0), shape=(3, 8, 0))
+
+
+class FlowLikeNet(TinyNet):
+    """TinyNet declaring a flow's signal scale α(t) = 1 − t (as FlowMatchDenoiser does)."""
+
+    @staticmethod
+    def signal_scale(t):
+        return 1.0 - t
+
+
+def flow_like_net():
+    return FlowLikeNet(seed=0)

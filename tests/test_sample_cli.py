@@ -278,6 +278,11 @@ BAD_INPUTS = {
     "negative eta": (["--solver", "euler_ancestral", "--eta", "-0.1"], "--eta must be >= 0.0"),
     "nan s-noise": (["--solver", "euler_ancestral", "--s-noise", "nan"], "--s-noise must be finite"),
     "s-min above s-max": (["--churn", "5", "--s-min", "3", "--s-max", "1"], "--s-min must be <= --s-max"),
+    "ancestral for a flow": (["--net", "nets_for_cli:flow_like_net", "--solver", "euler_ancestral"],
+                             "--solver euler_ancestral does not suit the --net denoiser: solver='euler_ancestral' "
+                             "adds noise as x = x0 + σ·ε, but net declares signal_scale"),
+    "churn for a flow": (["--net", "nets_for_cli:flow_like_net", "--churn", "1"],
+                         "--churn does not suit the --net denoiser: S_churn adds noise"),
     "rule-arg without rule": (["--net", "nets_for_cli:broken_factory", "--rule-arg", "phi=0.5"],
                               "--rule-arg phi=0.5 needs --rule NAME"),
     # factories that give conditioning, shape or schedule
@@ -398,6 +403,53 @@ def test_added_noise_is_per_seed_and_not_the_initial_noise(case, tmp_path):
     expected.update({dict(S_churn="churn", S_min="s_min", S_max="s_max", S_noise="s_noise").get(k, k): v
                      for k, v in keywords.items() if k != "solver"})
     assert {key: settings[key] for key in expected} == expected
+
+
+def test_rule_and_its_parameters_are_sampled_and_recorded(reference_run, tmp_path):
+    rules = pytest.importorskip("fastguide.rules")
+    outdir = str(tmp_path / "apg")
+    assert run_common("--seeds", "0-3", "--rule", "apg", "--rule-arg", "momentum=0.5", "--rule-arg",
+                      " norm_threshold = 15", outdir=outdir) == 0
+    net, files = TinyNet(seed=0).eval(), result_files(outdir)
+    for first in (0, 2):  # the CLI's batches of 2
+        with torch_threads(1):
+            x, _ = expected_samples(net, [first, first + 1], 2.0, guidance_rule=rules.APG(momentum=0.5,
+                                                                                           norm_threshold=15))
+        for row in range(2):
+            with np.load(files[first + row]) as data:
+                assert max_rel_err(data["x"], x[row].numpy()) < 1e-6
+    lerp = np.stack([np.load(path)["x"] for path in result_files(reference_run)[:4]])
+    assert max_rel_err(np.stack([np.load(path)["x"] for path in files]), lerp) > 1e-3  # the rule took effect
+    settings = json.load(open(os.path.join(outdir, "manifest.json")))["settings"]
+    assert settings["rule"] == dict(name="apg", eta=1.0, norm_threshold=15.0, momentum=0.5, space="eps")
+
+
+BAD_RULES = {
+    "unknown rule": (["--rule", "apgx"], "--rule: unknown rule 'apgx'; choose one of lerp, cfg_rescale, apg, "
+                                         "cfg_zero_star"),
+    "unknown parameter": (["--rule", "apg", "--rule-arg", "phi=0.5"],
+                          "--rule-arg phi=0.5: rule apg has no parameter 'phi' (it takes: eta, norm_threshold, "
+                          "momentum, space)"),
+    "not a number": (["--rule", "cfg_rescale", "--rule-arg", "phi=high"], "--rule-arg phi=high: expected a number"),
+    "not an integer": (["--rule", "cfg_zero_star", "--rule-arg", "zero_init_steps=1.5"],
+                       "--rule-arg zero_init_steps=1.5: expected an integer"),
+    "out of range": (["--rule", "apg", "--rule-arg", "momentum=2"], "--rule apg: momentum must lie in (-1, 1)"),
+    "unknown space": (["--rule", "apg", "--rule-arg", "space=flow"], "--rule apg: space must be one of"),
+    "given twice": (["--rule", "apg", "--rule-arg", "eta=0", "--rule-arg", "eta=1"], "'eta' is given more than once"),
+    "no value": (["--rule", "apg", "--rule-arg", "eta"], "--rule-arg: expected PARAM=VALUE, got 'eta'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RULES))
+def test_bad_rule_is_refused_before_loading(case, tmp_path, capsys):
+    pytest.importorskip("fastguide.rules")
+    options, message = BAD_RULES[case]
+    outdir = tmp_path / "out"
+    argv = ["sample", "--net", "nets_for_cli:broken_factory", "--guidance", "2", "--outdir", str(outdir)]
+    assert main(argv + options) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastguide sample: error: ") and message in err
+    assert not outdir.exists()
 
 
 def test_factory_with_conditioning_and_schedule(tmp_path):
