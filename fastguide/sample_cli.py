@@ -1,10 +1,11 @@
 """`fastguide sample`: sample a denoiser for a list of seeds, one file per seed, resumable.
 
-Every seed's noise (and, for class-conditional nets without --class, its class) comes from its own
-torch.Generator, the seeds are cut into the same batches whatever the number of processes, and the
-evaluation strategy is fixed rather than tuned by timing, so the files are byte-identical between a
-one-process run and `torchrun --nproc_per_node=N -m fastguide sample ...` (batches go to ranks
-round-robin, by RANK).
+Every seed's noise (and, for class-conditional nets without --class, its class), then the noise that
+churn and euler_ancestral add while sampling, come from its own torch.Generator; conditioning that a
+--net factory gives (see Source) is made per seed too.  The seeds are cut into the same batches whatever
+the number of processes, and the evaluation strategy is fixed rather than tuned by timing, so the files
+are byte-identical between a one-process run and `torchrun --nproc_per_node=N -m fastguide sample ...`
+(batches go to ranks round-robin, by RANK).
 
 A file on disk is complete or absent: each is written to a temporary name of its own writer, flushed
 to disk and renamed.  outdir/manifest.json holds the settings that decide the samples; a rerun with
@@ -42,6 +43,7 @@ from fastguide.sampler import SOLVERS, check_sigmas, check_solver, sample, sched
 FORMATS = ("npz", "png")
 PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 MAX_SEEDS = 10 ** 7
+MAX_SEED = 2 ** 32  # seeds below it, as EDM's generate.py takes them (seed % 2**32)
 MANIFEST = "manifest.json"
 NPZ_MEMBERS = ["class_label.npy", "seed.npy", "x.npy"]
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk that closes every PNG file
@@ -163,8 +165,9 @@ def parse_seeds(text):
         first, last = int(match[1]), int(match[2] if match[2] is not None else match[1])
         if last < first:
             raise UsageError(f"--seeds: range {item!r} ends before it starts")
-        if last >= 2 ** 63:
-            raise UsageError(f"--seeds: seed {last} is too large (must be < 2**63)")
+        if last >= MAX_SEED:
+            raise UsageError(f"--seeds: seed {last} is too large (must be < 2**32: torch's CPU generator keeps 32 "
+                             f"bits of a seed, so seed {last} would draw the noise of seed {last % MAX_SEED})")
         if len(seeds) + last - first + 1 > MAX_SEEDS:
             raise UsageError(f"--seeds: {text!r} names more than {MAX_SEEDS} seeds; split the run")
         seeds.extend(range(first, last + 1))
@@ -185,8 +188,18 @@ def format_seeds(seeds):
 
 
 class Source(NamedTuple):
-    """What a --net factory provides: the denoiser, and optionally conditioning(seeds, device) ->
-    (labels, guide_labels), the sample shape, and sigmas(num_steps) -> the schedule, ending in 0."""
+    """What a --net factory returns: a denoiser, or a dict (or an object with these attributes) holding
+
+    denoiser      (x, sigma[B], labels) -> D(x); a dict of labels arrives as keyword arguments
+    conditioning  optional: conditioning(seeds, device) -> (labels, guide_labels), each None, a tensor or
+                  a dict of tensors with one row per seed; row k must depend on seed k only, so that a
+                  sample does not depend on its batch.  guide_labels are the unconditional labels of CFG
+                  (no --guide); a --guide sees labels.
+    shape         optional: the shape of one sample, e.g. (16, 128, 128) (default: --shape, or the
+                  denoiser's img_channels and img_resolution)
+    sigmas        optional: sigmas(num_steps) -> the noise levels, a decreasing 1-D tensor of num_steps + 1
+                  ending in 0 (a flow model's t's: flow_sigmas); default EDM's, from --sigma-min ...
+    Of a --guide factory's result only the denoiser is used."""
     denoiser: object
     conditioning: object = None
     shape: tuple = None

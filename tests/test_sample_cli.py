@@ -246,7 +246,10 @@ BAD_INPUTS = {
     "seed range reversed": (["--seeds", "9-2"], "ends before it starts"),
     "seed list word": (["--seeds", "1,two"], "--seeds: malformed item 'two'"),
     "seed twice": (["--seeds", "0-3,2"], "more than once"),
-    "too many seeds": (["--seeds", "0-99999999999"], "names more than 10000000 seeds"),
+    "too many seeds": (["--seeds", "0-20000000"], "names more than 10000000 seeds"),
+    "seed aliasing a smaller one": (["--seeds", "0,4294967301"], "seed 4294967301 is too large (must be < 2**32: "
+                                                                  "torch's CPU generator keeps 32 bits of a seed, so "
+                                                                  "seed 4294967301 would draw the noise of seed 5)"),
     "no alphas_cumprod": (["--net", "nets_for_cli:diffusers_flow_match"], "has no alphas_cumprod"),
     "class out of range": (["--class", "4"], "--class 4 needs --num-classes"),
     "png channels": (["--net", "nets_for_cli:gray_net", "--shape", "2,4,4", "--format", "png"], "C = 1, 3 or 4"),
