@@ -75,7 +75,7 @@ def add_arguments(parser):
     parser.add_argument("--rule", metavar="NAME",
                         help=f"how the predictions combine, a rule of fastguide.rules: {', '.join(rules.RULES)} "
                              f"(default lerp: D0 + w·(D1 − D0))")
-    parser.add_argument("--rule-arg", action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--rule-arg", action="append", default=[], metavar="PARAM=VALUE",
                         help="a parameter of --rule, e.g. --rule apg --rule-arg momentum=0.5 "
                              "--rule-arg norm_threshold=15 (repeatable)")
     parser.add_argument("--steps", type=int, default=EDM["num_steps"],

@@ -141,8 +141,9 @@ class PromptedModel:
 
 def labels_only():
     """Conditioning without unconditional labels: no CFG possible."""
-    return dict(denoiser=KeywordNet(seed=0), conditioning=lambda seeds, device: ({"emb": PROMPT_TABLE[[0] * len(seeds)]},
-                                                                                   None))
+    def conditioning(seeds, device):
+        return {"emb": PROMPT_TABLE[[0] * len(seeds)]}, None
+    return dict(denoiser=KeywordNet(seed=0), conditioning=conditioning)
 
 
 def one_row_conditioning():
