@@ -50,8 +50,9 @@ PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk that closes every 
 HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
 STALE_AFTER_S = 3600  # another machine's temporary file this old has lost its writer
 DEFAULT_RULE = {"name": "lerp"}  # the manifest setting of no --rule: fastguide.rules.Lerp()
-# Settings added to the manifest since its first version, with the value that runs before them used.
-SETTINGS_ADDED = dict(rule=DEFAULT_RULE, eta=1.0, churn=0.0, s_min=0.0, s_max=None, s_noise=1.0, sigmas=None)
+SAMPLE_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(sample).parameters.items()}
+SOLVER_OPTIONS = {"--eta": "eta", "--churn": "S_churn", "--s-min": "S_min", "--s-max": "S_max",
+                  "--s-noise": "S_noise"}  # the options of the solver's added noise: sample()'s keywords
 SETTING_NAMES = {"sigmas": "the --net factory's sigmas", "rule": "--rule"}
 
 
@@ -309,28 +310,40 @@ def _prepare(args, local_rank):
 
 
 def _solver_options(args):
-    """sample()'s solver keywords from --solver, --eta, --churn, --s-min, --s-max and --s-noise.  An
-    option that does not apply to the solver is refused (so none is recorded that changes nothing)."""
+    """sample()'s solver keywords from --solver, --eta, --churn, --s-min, --s-max and --s-noise (defaults:
+    sample's).  An option that does not apply to the solver is refused (so none is recorded that changes
+    nothing)."""
     solver, churn = args.solver, args.churn is not None
-    applies = {"--eta": solver == "euler_ancestral", "--churn": solver in ("euler", "heun"),
-               "--s-min": churn, "--s-max": churn, "--s-noise": churn or solver == "euler_ancestral"}
-    needs = {"--eta": "--solver euler_ancestral", "--churn": "--solver euler or heun", "--s-min": "--churn",
-             "--s-max": "--churn", "--s-noise": "--churn or --solver euler_ancestral"}
-    for option, ok in applies.items():
-        if getattr(args, option[2:].replace("-", "_")) is not None and not ok:
-            raise UsageError(f"{option} applies with {needs[option]} only (here --solver {solver})")
+    applies = {"--eta": (solver == "euler_ancestral", "--solver euler_ancestral"),
+               "--churn": (solver in ("euler", "heun"), "--solver euler or heun"),
+               "--s-min": (churn, "--churn"), "--s-max": (churn, "--churn"),
+               "--s-noise": (churn or solver == "euler_ancestral", "--churn or --solver euler_ancestral")}
+    options = dict(solver=solver)
+    for option, keyword in SOLVER_OPTIONS.items():
+        value = getattr(args, option[2:].replace("-", "_"))
+        ok, needs = applies[option]
+        if value is not None and not ok:
+            raise UsageError(f"{option} applies with {needs} only (here --solver {solver})")
+        options[keyword] = _given(value, SAMPLE_DEFAULTS[keyword])
     try:
-        options = dict(solver=solver,
-                       eta=ops.check_real("--eta", _given(args.eta, 1.0), minimum=0.0, strict=False),
-                       S_churn=ops.check_real("--churn", _given(args.churn, 0.0), minimum=0.0, strict=False),
-                       S_min=ops.check_real("--s-min", _given(args.s_min, 0.0)),
-                       S_max=ops.check_real("--s-max", _given(args.s_max, math.inf), finite=False),
-                       S_noise=ops.check_real("--s-noise", _given(args.s_noise, 1.0)))
+        ops.check_real("--eta", options["eta"], minimum=0.0, strict=False)
+        ops.check_real("--churn", options["S_churn"], minimum=0.0, strict=False)
+        ops.check_real("--s-min", options["S_min"])
+        ops.check_real("--s-max", options["S_max"], finite=False)
+        ops.check_real("--s-noise", options["S_noise"])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if options["S_min"] > options["S_max"]:
         raise UsageError(f"--s-min must be <= --s-max, got {options['S_min']} > {options['S_max']}")
     return options
+
+
+def solver_settings(options):
+    """The manifest's settings of the solver's noise options (an unbounded S_max as None: JSON has no inf)."""
+    settings = {option[2:].replace("-", "_"): options[keyword] for option, keyword in SOLVER_OPTIONS.items()}
+    if math.isinf(settings["s_max"]):
+        settings["s_max"] = None
+    return settings
 
 
 def _check_solver_for(net, options):
@@ -378,13 +391,13 @@ def guidance_rule(name, rule_args):
 
 
 def _rule_value(item, text, default):
-    kind = type(default)
+    """text as the type of the parameter's default: an integer, a number or a word."""
+    expected = {int: "an integer", float: "a number", str: "a word"}.get(type(default))
+    if expected is None:
+        raise UsageError(f"--rule-arg {item}: the CLI cannot set this parameter (its default is {default!r})")
     try:
-        if kind is bool or kind not in (int, float, str):
-            raise ValueError
-        return kind(text)
+        return type(default)(text)
     except ValueError:
-        expected = {int: "an integer", float: "a number", str: "a word"}.get(kind, "a value the CLI cannot parse")
         raise UsageError(f"--rule-arg {item}: expected {expected}") from None
 
 
@@ -578,13 +591,11 @@ def sample_settings(plan):
     --backend, --strategy and the number of processes (these can change the last float bits, never
     more).  The dtype is float32, always.  The schedule is EDM's (sigma_min, sigma_max, rho) or the
     --net factory's (sigmas, the list of noise levels); an unbounded --s-max is None."""
-    args, schedule, options = plan["args"], plan["schedule"], plan["solver_options"]
+    args, schedule = plan["args"], plan["schedule"]
     sigmas = schedule.get("sigmas")
     return dict(net=args.net, guide=args.guide, guidance=args.guidance, interval=args.interval,
-                rule=plan["rule_setting"], steps=args.steps, solver=args.solver, eta=options["eta"],
-                churn=options["S_churn"], s_min=options["S_min"],
-                s_max=None if math.isinf(options["S_max"]) else options["S_max"], s_noise=options["S_noise"],
-                sigma_min=schedule.get("sigma_min"), sigma_max=schedule.get("sigma_max"), rho=schedule.get("rho"),
+                rule=plan["rule_setting"], steps=args.steps, solver=args.solver,
+                **solver_settings(plan["solver_options"]), sigma_min=schedule.get("sigma_min"), sigma_max=schedule.get("sigma_max"), rho=schedule.get("rho"),
                 sigmas=None if sigmas is None else check_sigmas(sigmas),
                 num_classes=plan["num_classes"], **{"class": args.class_idx}, null_class=args.null_class,
                 shape=list(plan["shape"]), format=args.format)
@@ -642,6 +653,10 @@ def _check_settings(path, found, settings):
 def _found(found, key):
     """A manifest's setting; one added since it was written (absent) is what its run used, the default."""
     return found[key] if key in found else SETTINGS_ADDED.get(key)
+
+
+# Settings added to the manifest since its first version, with the values that runs before them used.
+SETTINGS_ADDED = dict(rule=DEFAULT_RULE, sigmas=None, **solver_settings(SAMPLE_DEFAULTS))
 
 
 def _make_folder(folder):
