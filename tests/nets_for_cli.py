@@ -167,7 +167,7 @@ def short_schedule():
     return dict(denoiser=TinyNet(seed=0), sigmas=lambda num_steps: prompt_sigmas(num_steps)[1:])
 
 
-def unsorted_shape():
+def zero_size_shape():
     return dict(denoiser=TinyNet(seed=0), shape=(3, 8, 0))
 
 

@@ -2,7 +2,6 @@
 rerun, atomic and concurrent writes, failures during sampling, sharding (torchrun, two nodes), bad input."""
 import errno
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 import fastguide
-from fastguide import sample_cli
+from fastguide import rules, sample_cli
 from fastguide._threads import torch_threads
 from fastguide.cli import main
 from nets_for_cli import TinyNet
@@ -300,7 +299,7 @@ BAD_INPUTS = {
     "misspelt factory key": (["--net", "nets_for_cli:misspelt_dict"], "returned a dict with key 'sigma'"),
     "schedule of the wrong length": (["--net", "nets_for_cli:short_schedule"], "sigmas(2) gave 2 noise levels; "
                                                                               "expected --steps + 1 = 3"),
-    "factory shape with a zero": (["--net", "nets_for_cli:unsorted_shape"], "its shape must be a sequence"),
+    "factory shape with a zero": (["--net", "nets_for_cli:zero_size_shape"], "its shape must be a sequence"),
 }
 
 
@@ -409,7 +408,6 @@ def test_added_noise_is_per_seed_and_not_the_initial_noise(case, tmp_path):
 
 
 def test_rule_and_its_parameters_are_sampled_and_recorded(reference_run, tmp_path):
-    rules = pytest.importorskip("fastguide.rules")
     outdir = str(tmp_path / "apg")
     assert run_common("--seeds", "0-3", "--rule", "apg", "--rule-arg", "momentum=0.5", "--rule-arg",
                       " norm_threshold = 15", outdir=outdir) == 0
@@ -445,7 +443,6 @@ BAD_RULES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_RULES))
 def test_bad_rule_is_refused_before_loading(case, tmp_path, capsys):
-    pytest.importorskip("fastguide.rules")
     options, message = BAD_RULES[case]
     outdir = tmp_path / "out"
     argv = ["sample", "--net", "nets_for_cli:broken_factory", "--guidance", "2", "--outdir", str(outdir)]
@@ -563,10 +560,8 @@ def run_common(*options, outdir):
     (["--churn", "5"], "--churn 0.0 there, 5.0 here"),
     (["--churn", "5", "--s-max", "10"], "--s-max None there, 10.0 here"),
     (["--solver", "euler_ancestral", "--eta", "0.5"], "--eta 1.0 there, 0.5 here"),
-    pytest.param(["--rule", "cfg_rescale", "--rule-arg", "phi=0.5"],
-                 "--rule {'name': 'lerp'} there, {'name': 'cfg_rescale', 'phi': 0.5, 'space': 'eps'} here",
-                 marks=pytest.mark.skipif(importlib.util.find_spec("fastguide.rules") is None,
-                                          reason="fastguide.rules is not on this branch yet")),
+    (["--rule", "cfg_rescale", "--rule-arg", "phi=0.5"],
+     "--rule {'name': 'lerp'} there, {'name': 'cfg_rescale', 'phi': 0.5, 'space': 'eps'} here"),
 ])
 def test_rerun_with_other_settings_is_refused_unless_forced(reference_run, tmp_path, capsys, options, differing):
     outdir = copy_of(reference_run, tmp_path)
