@@ -7,7 +7,7 @@ torch.compile of the same expressions, and a plain copy, in one run per epilogue
   D written over the one history buffer that held D_prev).
 
     python benchmarks/bench_ops.py [--epilogues heun ancestral dpmpp_2m] [--sizes 1M 16M] [--repeats 15]
-                                   [--backend cpp] [--device cpu] [--no-compile] [--threads N]
+                                   [--backend cpp] [--device cpu] [--no-compile] [--threads N] [--clock wall]
 
 Prints a markdown table per epilogue and size: the best time per step over the repeats (on a
 shared, noisy machine the minimum is the steadiest estimate of what the code costs), speed-up
@@ -183,16 +183,23 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def best_seconds(fn, repeats, warmup=2, device="cpu"):
+# wall: elapsed time.  cpu: the calling thread's CPU time (user + system), which on a shared,
+# oversubscribed machine leaves out the time slices other processes took (meaningful with one
+# torch thread, where the ops run on the calling thread; CPU tensors only).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def best_seconds(fn, repeats, warmup=2, device="cpu", clock="wall"):
+    now = CLOCKS[clock]
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         synchronize(device)
-        start = time.perf_counter()
+        start = now()
         fn()
         synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return min(times)
 
 
@@ -206,7 +213,7 @@ def check_same_result(epilogue, inputs, variants):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def measure(name, numel, repeats, backend, with_compile, device="cpu"):
+def measure(name, numel, repeats, backend, with_compile, device="cpu", clock="wall"):
     """{variant: seconds per step} for one epilogue and size."""
     epilogue = EPILOGUES[name]
     inputs = make_inputs(numel, names=epilogue.inputs, device=device)
@@ -218,7 +225,7 @@ def measure(name, numel, repeats, backend, with_compile, device="cpu"):
     variants[f"fused ({backend}) + flags"] = epilogue.fused(inputs, backend, with_flags=True)
     check_same_result(epilogue, inputs, {k: v for k, v in variants.items() if k != "naive eager"})
     variants["copy (r+w of one tensor)"] = copy_fn(inputs)
-    return {variant: best_seconds(fn, repeats, device=device) for variant, fn in variants.items()}
+    return {variant: best_seconds(fn, repeats, device=device, clock=clock) for variant, fn in variants.items()}
 
 
 def table(name, numel, seconds):
@@ -259,16 +266,20 @@ def main():
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every variant (default: torch's); 1 on an oversubscribed machine")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall time, or the thread's CPU time (needs --threads 1 and --device cpu)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and (torch.get_num_threads() != 1 or args.device != "cpu"):
+        parser.error("--clock cpu counts the calling thread only: use it with --threads 1 on --device cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"backend {args.backend}, best of {args.repeats}\n")
+          f"backend {args.backend}, best of {args.repeats}, {args.clock} clock\n")
     for name in args.epilogues:
         for size in args.sizes:
             numel = parse_size(size)
             print(table(name, numel, measure(name, numel, args.repeats, args.backend, not args.no_compile,
-                                             args.device)))
+                                             args.device, args.clock)))
             print(f"\n{h100_roofline(name, numel)}\n", flush=True)
 
 

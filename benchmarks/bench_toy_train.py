@@ -3,7 +3,7 @@
 Prints markdown tables (best of several rounds, the variants taking turns in each round so that
 all see the same load; ratio = naive time / time, > 1 is faster):
   1. the ground-truth score of one training batch (4096 points × 1016 components):
-     naive PyTorch (the same closed-form 2×2 math as [N, K] tensors, float32) vs fastguide_toy::mixture_score;
+     naive PyTorch (the same eigen-form 2×2 math as [N, K] tensors, float32) vs fastguide_toy::mixture_score;
   2. one training step of the main model (hidden 64, batch 4096) without the score: autograd
      double backward vs the hand-written gradients of fastguide.toy.train.loss_and_grads;
   3. one whole iteration (batch sampling + ground-truth score + step + EMA), naive vs fastguide,
@@ -52,15 +52,15 @@ def table(title, times, naive):
 
 
 def naive_score(mixture, x, sigma):
-    return score_and_logp_reference(x, sigma, mixture.means, mixture.covs, mixture._log_weights, torch.float32)[0]
+    return score_and_logp_reference(x, sigma, *mixture.components(), torch.float32)[0]
 
 
 def autograd_step(model, optimizer, x, sigma, target):
+    model.normalize_weights()
     optimizer.zero_grad(set_to_none=True)
     loss = T.score_matching_loss(model, x, sigma, target)
     loss.backward()
     optimizer.step()
-    model.normalize_weights()
     return loss
 
 

@@ -18,7 +18,7 @@ def training_batch():
 def test_bench_ground_truth_score(benchmark, training_batch, variant):
     mixture, x, sigma, _ = training_batch
     if variant == "naive":
-        benchmark(lambda: score_and_logp_reference(x, sigma, mixture.means, mixture.covs, mixture._log_weights,
+        benchmark(lambda: score_and_logp_reference(x, sigma, *mixture.components(),
                                                    torch.float32))
     else:
         benchmark(lambda: mixture.score(x, sigma))

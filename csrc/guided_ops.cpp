@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/floating_point_utils.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -45,15 +47,14 @@ inline void stream_vector(scalar_t* p, const V& v) { v.store(p); }
 inline void stream_fence() {}
 #endif
 
-// Whether every output can take streaming stores: large, and 32-byte aligned so that each full
-// chunk (chunks start at multiples of the vector size) is aligned too.
+// Whether an output takes streaming (non-temporal) stores: it is large, 32-byte aligned (so that
+// each full chunk, which starts at a multiple of the vector size, is aligned too), and not one of
+// the inputs: an output written over an input finds its lines in cache, where streaming stores
+// would only evict them.
 template <typename scalar_t>
-bool use_streaming(int64_t n, std::initializer_list<const scalar_t*> outputs) {
-  if (n * int64_t(sizeof(scalar_t)) < kStreamBytes) return false;
-  for (const scalar_t* p : outputs) {
-    if (reinterpret_cast<uintptr_t>(p) % 32 != 0) return false;
-  }
-  return true;
+bool streams(const scalar_t* out, int64_t n, std::initializer_list<const scalar_t*> inputs) {
+  if (n * int64_t(sizeof(scalar_t)) < kStreamBytes || reinterpret_cast<uintptr_t>(out) % 32 != 0) return false;
+  return std::find(inputs.begin(), inputs.end(), out) == inputs.end();
 }
 
 // A chunk of kSize elements of scalar_t held as kParts math vectors (float for half types).
@@ -69,8 +70,8 @@ struct Lanes {
     if (count != kSize) return parts[0].store(p, count);
     streaming ? stream_vector(p, parts[0]) : parts[0].store(p);
   }
-  // The values store() writes, back in the math type: the parts themselves.
-  static void stored_values(const Math* parts, Math* stored) { stored[0] = parts[0]; }
+  // A value v stores as a finite scalar_t exactly when |v| < this (NaN fails the test too).
+  static Math stored_limit() { return Math(std::numeric_limits<scalar_t>::infinity()); }
 };
 
 template <typename half_t>
@@ -89,10 +90,10 @@ struct HalfLanes {
     if (count != kSize) return v.store(p, count);
     streaming ? stream_vector(p, v) : v.store(p);
   }
-  // The values store() writes, back in float: rounded to half_t (a float16 overflow is inf).
-  static void stored_values(const Math* parts, Math* stored) {
-    std::tie(stored[0], stored[1]) =
-        at::vec::convert_to_float<half_t>(at::vec::convert_from_float<half_t>(parts[0], parts[1]));
+  // A float v stores as a finite half_t exactly when |v| < this: the midpoint between the largest
+  // finite half_t and the next power of two, which rounds (to even) to inf.
+  static Math stored_limit() {
+    return Math(std::is_same_v<half_t, at::Half> ? 65520.0f : c10::detail::fp32_from_bits(0x7f7f8000u));
   }
 };
 
@@ -107,35 +108,50 @@ int64_t chunks(int64_t n) {
   return (n + L::kSize - 1) / L::kSize;
 }
 
-// Which of d_main, d_guide and the written x_next held a NaN or ±inf, over one thread's task:
-// v − v is 0 for finite v and NaN otherwise, so each running sum of those is NaN exactly when
-// one of its values was not finite.  One atomic OR per task, and only when a bit is set.
+// Which of d_main, d_guide and the written x_next held a NaN or ±inf, over one thread's task.
+// Inputs: v·0 is 0 for finite v and NaN otherwise, so each running sum of those (one FMA per
+// vector) is NaN exactly when one of its values was not finite.  x_next: a mask of the lanes whose
+// every value stored finitely (in scalar_t: a float16 overflow is not finite).
 template <typename L>
 struct NonFiniteSums {
   using Math = typename L::Math;
-  Math main = Math(0), guide = Math(0), next = Math(0);
+  Math main = Math(0), guide = Math(0);
+  Math next_finite = Math(0) == Math(0);  // all bits set
 
   static void add(Math& sum, const Math* parts) {
-    for (int k = 0; k < L::kParts; ++k) sum = sum + (parts[k] - parts[k]);
+    for (int k = 0; k < L::kParts; ++k) sum = at::vec::fmadd(parts[k], Math(0), sum);
   }
   void add_stored(const Math* next_parts) {
-    Math stored[L::kParts];
-    L::stored_values(next_parts, stored);
-    add(next, stored);
-  }
-  static int any_nan(const Math& sum) {
-    typename Math::value_type lanes[Math::size()];
-    sum.store(lanes);
-    return std::any_of(lanes, lanes + Math::size(), [](auto v) { return std::isnan(v); }) ? 1 : 0;
-  }
-  void report(int32_t* flags) const {
-    int bits = any_nan(main) | any_nan(guide) << 1 | any_nan(next) << 2;
-    if (bits != 0) __atomic_fetch_or(flags, bits, __ATOMIC_RELAXED);
+    for (int k = 0; k < L::kParts; ++k) next_finite = next_finite & (next_parts[k].abs() < L::stored_limit());
   }
 };
 
+template <typename Math>
+int any_nan(const Math& v) {
+  typename Math::value_type lanes[Math::size()];
+  v.store(lanes);
+  return std::any_of(lanes, lanes + Math::size(), [](auto lane) { return std::isnan(lane); }) ? 1 : 0;
+}
+
+template <typename Math>
+int all_nan(const Math& v) {
+  typename Math::value_type lanes[Math::size()];
+  v.store(lanes);
+  return std::all_of(lanes, lanes + Math::size(), [](auto lane) { return std::isnan(lane); }) ? 1 : 0;
+}
+
+// ORs the task's bits into *flags: one atomic, and only when a bit is set.  (The sums come by
+// value, so that the compiler keeps them in registers through the loop.)
+template <typename Math>
+void report_nonfinite(int32_t* flags, Math main, Math guide, Math next_finite) {
+  // (a mask lane with all bits set reads as a NaN; a cleared one as +0)
+  int bits = any_nan(main) | any_nan(guide) << 1 | (1 - all_nan(next_finite)) << 2;
+  if (bits != 0) __atomic_fetch_or(flags, bits, __ATOMIC_RELAXED);
+}
+
 // body(i, count, sums) for each chunk of L::kSize elements at i (count < kSize for the last),
 // the chunks split between threads; sums collects the non-finite bits when flags is not null.
+// streaming: whether body makes streaming stores (each task then ends with a fence).
 template <typename L, typename Body>
 void for_each_chunk(int64_t n, bool streaming, int32_t* flags, const Body& body) {
   at::parallel_for(0, chunks<L>(n), kGrain / L::kSize, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -144,7 +160,7 @@ void for_each_chunk(int64_t n, bool streaming, int32_t* flags, const Body& body)
       body(i, std::min(L::kSize, n - i), sums);
     }
     if (streaming) stream_fence();
-    if (flags != nullptr) sums.report(flags);
+    if (flags != nullptr) report_nonfinite(flags, sums.main, sums.guide, sums.next_finite);
   });
 }
 
@@ -165,8 +181,9 @@ template <typename scalar_t, bool kHasGuide, bool kHasNoise>
 void euler_kernel(const EulerArgs<scalar_t>& a, fastguide::EulerScalars<at::opmath_type<scalar_t>> s,
                   int32_t* flags) {
   using L = Lanes<scalar_t>;
-  const bool streaming = use_streaming<scalar_t>(a.n, {a.out, a.deriv_out});
-  for_each_chunk<L>(a.n, streaming, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
+  const bool stream_next = streams(a.out, a.n, {a.x, a.d_main, a.d_guide, a.noise});
+  const bool stream_deriv = streams(a.deriv_out, a.n, {a.x, a.d_main, a.d_guide, a.noise});
+  for_each_chunk<L>(a.n, stream_next || stream_deriv, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
     typename L::Math xv[L::kParts], main[L::kParts], guide[L::kParts], noise[L::kParts], next[L::kParts],
         deriv[L::kParts];
     L::load(a.x + i, count, xv);
@@ -177,8 +194,8 @@ void euler_kernel(const EulerArgs<scalar_t>& a, fastguide::EulerScalars<at::opma
       fastguide::euler_update(xv[k], denoised_of<kHasGuide>(main[k], guide[k], s.guidance), s, next[k], deriv[k]);
       if constexpr (kHasNoise) next[k] = fastguide::add_noise(next[k], noise[k], s);
     }
-    L::store(a.out + i, count, next, streaming);
-    L::store(a.deriv_out + i, count, deriv, streaming);
+    L::store(a.out + i, count, next, stream_next);
+    L::store(a.deriv_out + i, count, deriv, stream_deriv);
     if (flags != nullptr) {
       sums.add(sums.main, main);
       if constexpr (kHasGuide) sums.add(sums.guide, guide);
@@ -197,8 +214,8 @@ struct HeunArgs {
 template <typename scalar_t, bool kHasGuide>
 void heun_kernel(const HeunArgs<scalar_t>& a, fastguide::HeunScalars<at::opmath_type<scalar_t>> s, int32_t* flags) {
   using L = Lanes<scalar_t>;
-  const bool streaming = use_streaming<scalar_t>(a.n, {a.out});
-  for_each_chunk<L>(a.n, streaming, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
+  const bool stream_next = streams(a.out, a.n, {a.x, a.deriv, a.d_main, a.d_guide});
+  for_each_chunk<L>(a.n, stream_next, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
     typename L::Math xv[L::kParts], deriv[L::kParts], main[L::kParts], guide[L::kParts], next[L::kParts];
     L::load(a.x + i, count, xv);
     L::load(a.deriv + i, count, deriv);
@@ -207,7 +224,7 @@ void heun_kernel(const HeunArgs<scalar_t>& a, fastguide::HeunScalars<at::opmath_
     for (int k = 0; k < L::kParts; ++k) {
       next[k] = fastguide::heun_update(xv[k], deriv[k], denoised_of<kHasGuide>(main[k], guide[k], s.guidance), s);
     }
-    L::store(a.out + i, count, next, streaming);
+    L::store(a.out + i, count, next, stream_next);
     if (flags != nullptr) {
       sums.add(sums.main, main);
       if constexpr (kHasGuide) sums.add(sums.guide, guide);
@@ -226,8 +243,10 @@ struct DpmArgs {
 template <typename scalar_t, bool kHasGuide, bool kHasPrev>
 void dpm_kernel(const DpmArgs<scalar_t>& a, fastguide::DpmScalars<at::opmath_type<scalar_t>> s, int32_t* flags) {
   using L = Lanes<scalar_t>;
-  const bool streaming = use_streaming<scalar_t>(a.n, {a.out, a.denoised_out});
-  for_each_chunk<L>(a.n, streaming, flags, [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
+  const bool stream_next = streams(a.out, a.n, {a.x, a.d_main, a.d_guide, a.denoised_prev});
+  const bool stream_denoised = streams(a.denoised_out, a.n, {a.x, a.d_main, a.d_guide, a.denoised_prev});
+  for_each_chunk<L>(a.n, stream_next || stream_denoised, flags,
+                    [&](int64_t i, int64_t count, NonFiniteSums<L>& sums) {
     typename L::Math xv[L::kParts], main[L::kParts], guide[L::kParts], prev[L::kParts], denoised[L::kParts],
         next[L::kParts];
     L::load(a.x + i, count, xv);
@@ -242,8 +261,8 @@ void dpm_kernel(const DpmArgs<scalar_t>& a, fastguide::DpmScalars<at::opmath_typ
         next[k] = fastguide::dpm_update(xv[k], denoised[k], s);
       }
     }
-    L::store(a.out + i, count, next, streaming);
-    L::store(a.denoised_out + i, count, denoised, streaming);
+    L::store(a.out + i, count, next, stream_next);
+    L::store(a.denoised_out + i, count, denoised, stream_denoised);
     if (flags != nullptr) {
       sums.add(sums.main, main);
       if constexpr (kHasGuide) sums.add(sums.guide, guide);

@@ -661,6 +661,25 @@ def test_flags_float16_overflow_and_unread_prev(backend, device, op, generator):
         assert flags.item() == 0 and bool(torch.isfinite(x_next).all())
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_flags_at_the_rounding_limit(backend, device, dtype):
+    """x_next = x + D in float32, just above and just below the value that rounds (to nearest even)
+    to inf in float16/bfloat16: bit 4 follows what is stored (the Triton interpreter truncates
+    bfloat16, so there its stored value stays finite)."""
+    largest = torch.finfo(dtype).max
+    gap = {torch.float16: 16.0, torch.bfloat16: 2.0 ** 119}[dtype]  # to the midpoint above the largest
+    x = torch.full((3,), largest, dtype=dtype, device=device)
+    for step, rounds_to_inf in ((gap * 1.25, True), (gap * 0.75, False)):
+        d_main = torch.full((3,), step, dtype=dtype, device=device)
+        flags = torch.zeros(1, dtype=torch.int32, device=device)
+        x_next, _ = ops.guided_dpmpp_2m(x, d_main, None, None, 1.0, 1.0, 1.0, 0.0, flags=flags, backend=backend)
+        stored_finite = bool(torch.isfinite(x_next).all())
+        assert flags.item() == (0 if stored_finite else 4), (step, x_next)
+        if not (backend == "triton" and dtype == torch.bfloat16):
+            assert stored_finite != rounds_to_inf, (step, x_next)
+
+
 # ---- property tests ----
 
 @st.composite
@@ -692,7 +711,9 @@ def test_property_all_ops_match_float64(case):
     noise = random_input(generator, shape, layout, dtype, device)
     d_guide = d_guide if case["with_guide"] else None
     w, t_cur, t_next, noise_scale = case["guidance"], case["t_cur"], case["t_next"], case["noise_scale"]
-    sigma_prev = None if case["sigma_prev"] is None else case["sigma_prev"] * t_cur
+    # (the second-order coefficients divide by log(t_cur) − log(t_next): first order where that is 0)
+    zero_step = math.log(t_cur) == math.log(t_next)
+    sigma_prev = None if case["sigma_prev"] is None or zero_step else case["sigma_prev"] * t_cur
     coefs = reference.dpmpp_2m_coefficients(sigma_prev, t_cur, t_next)
     expected_next, expected_deriv = euler64(x, d_main, d_guide, w, t_cur, t_next)
     expected_ancestral = euler64(x, d_main, d_guide, w, t_cur, t_next, noise, noise_scale)[0]

@@ -109,6 +109,19 @@ def test_ground_truth_metrics_on_the_tree():
     assert blurred["loglik_median"] < own["loglik_median"] - 5
 
 
+def test_outlier_threshold_comes_from_a_held_out_set():
+    """The outlier line is the 1 % quantile of the ground-truth log-density of an independent draw
+    (seed + 1), not of the precision/recall set (seed): with one set for both it would equal the
+    real set's own quantile."""
+    truth = tree_mixture("A")
+    scorer = metrics.GroundTruthMetrics(truth, 4096, seed=5)
+    assert torch.equal(scorer.real, truth.sample(4096, generator=5))
+    held_out = truth.sample(4096, generator=6)
+    assert scorer.threshold == metrics.outlier_threshold(truth.logp(held_out.double()))
+    assert scorer.threshold != metrics.outlier_threshold(truth.logp(scorer.real.double()))
+    assert not bool((torch.cdist(scorer.real.double(), held_out.double()) == 0).any())     # no shared point
+
+
 def test_median_and_outlier_rate():
     values = torch.tensor([3.0, -1.0, 2.0, 10.0])
     assert metrics.median(values) == 2.5

@@ -10,7 +10,8 @@ from fastguide.toy.model import ToyModel, load_file, save_file
 def spec_logp(model, x, sigma):
     """The contract's forward pass written out in float64, independently of ToyModel.logp."""
     weights = [w.detach().double() for w in model.weights]
-    weights = [w / (1e-4 + torch.sqrt((w * w).sum(1, keepdim=True))) for w in weights]
+    # EDM2's MPLinear: rows to unit variance (eps 1e-4 on the rms), then divided by √fan_in
+    weights = [w / (1e-4 + torch.sqrt((w * w).mean(1, keepdim=True))) / math.sqrt(w.shape[1]) for w in weights]
     c_in = 1 / torch.sqrt(model.sigma_data ** 2 + sigma ** 2)
     h = torch.cat([x * c_in[:, None], torch.log(sigma)[:, None] / 4, torch.ones_like(sigma)[:, None]], 1)
     for w in weights[:-1]:
@@ -41,8 +42,8 @@ def test_parameter_shapes():
     eff = model.effective_weights()
     assert len(eff) == 5 and all(w.dtype == torch.float32 and w.is_contiguous() for w in eff)
     for w, raw in zip(eff, model.weights):
-        norms = raw.detach().norm(dim=1)
-        torch.testing.assert_close(w.norm(dim=1), norms / (1e-4 + norms), rtol=1e-6, atol=0)
+        norms = raw.detach().norm(dim=1)                 # EDM2's MPLinear: w / (1e-4·√fan_in + ‖w‖)
+        torch.testing.assert_close(w.norm(dim=1), norms / (1e-4 * math.sqrt(raw.shape[1]) + norms), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("hidden,num_layers", [(16, 4), (7, 2)])
@@ -95,10 +96,11 @@ def test_forced_weight_normalisation_keeps_the_function(generator):
         model.weights[1].mul_(3.0)
     x, sigma = inputs(generator)
     before = model.logp(x, sigma)
+    raw_norms = [w.detach().norm(dim=1) for w in model.weights]
     model.normalize_weights()
-    for w in model.weights:
-        torch.testing.assert_close(w.detach().norm(dim=1), torch.full((w.shape[0],), math.sqrt(w.shape[1]),
-                                   dtype=torch.float64), rtol=1e-12, atol=0)
+    for w, raw in zip(model.weights, raw_norms):             # EDM2's: √n·‖w‖/(1e-4·√n + ‖w‖)
+        root_n = math.sqrt(w.shape[1])
+        torch.testing.assert_close(w.detach().norm(dim=1), root_n * raw / (1e-4 * root_n + raw), rtol=1e-12, atol=0)
     # Only the 1e-4 in the normaliser sees the row norm: a change of ~1e-4·(1/4 − 1/12) per layer.
     torch.testing.assert_close(model.logp(x, sigma), before, rtol=0, atol=2e-4 * float(before.detach().abs().max()))
 

@@ -102,8 +102,8 @@ def test_short_training_run_reduces_the_loss():
     before = float(T.score_matching_loss(initial, *held_out).detach())
     for trained in (model, ema_model):
         assert float(T.score_matching_loss(trained, *held_out).detach()) < 0.85 * before
-    for w in model.weights:                                    # forced weight normalisation held
-        torch.testing.assert_close(w.norm(dim=1), torch.full((w.shape[0],), math.sqrt(w.shape[1])), rtol=1e-5, atol=0)
+    for w in model.weights:        # normalised to √fan_in before each step; one Adam step (lr 1e-2) since
+        torch.testing.assert_close(w.norm(dim=1), torch.full((w.shape[0],), math.sqrt(w.shape[1])), rtol=0.02, atol=0)
     assert ema_model.gain_value() != 0.0 and not ema_model.training
 
 
@@ -147,7 +147,7 @@ def denoiser_error(name, classes):
 
 
 def test_shipped_models_denoise_their_classes():
-    """Trained models beat c_skip·x by far (observed ratios 0.019, 0.10, 0.22), and the main model
+    """Trained models beat c_skip·x by far (observed ratios 0.018, 0.11, 0.21), and the main model
     beats the autoguidance guide (the premise of autoguidance: a weaker version of itself)."""
     errors = {name: denoiser_error(name, classes) for name, classes in
               (("main", "A"), ("guide_auto", "A"), ("guide_cfg", "AB"))}
@@ -162,3 +162,32 @@ def test_load_model_rejects_unknown_name():
     assert SHIPPED == ("main", "guide_auto", "guide_cfg")
     with pytest.raises(ValueError, match="name must be one of"):
         load_model("big")
+
+
+def binomial_tolerance(p_a, p_b, n, standard_errors=4.0):
+    """standard_errors × the standard error of the difference of two rates measured on n points each."""
+    pooled = 0.5 * (p_a + p_b)
+    return standard_errors * math.sqrt(2 * pooled * (1 - pooled) / n)
+
+
+@pytest.mark.usefixtures("one_thread")           # many small ops: one thread is fastest (conftest)
+@pytest.mark.parametrize("name", ["guide_auto", "guide_cfg"])
+def test_shipped_model_metrics_match_a_fresh_training_run(name):
+    """The shipped weights are what the training code makes: a fresh run of the model's recipe at a
+    reduced batch (1024 instead of 4096, another seed) samples its classes (no guidance, EDM2's
+    protocol, 4096 points) with precision, recall and outliers within 4 standard errors of the
+    shipped model's (observed: within 0.01 for outliers and recall)."""
+    from fastguide.toy import protocol
+    from fastguide.toy.metrics import GroundTruthMetrics
+
+    classes, hidden, iterations = T.RECIPES[name]
+    fresh, _, _ = T.train(classes, hidden, 4, iterations, batch=1024, seed=1)
+    truth = tree_mixture(classes)
+    points = 4096
+    noise = protocol.start_noise(truth, points, seed=0)
+    scorer = GroundTruthMetrics(truth, points, seed=1)
+    shipped_scores = scorer(protocol.sample_models(load_model(name), None, noise))
+    fresh_scores = scorer(protocol.sample_models(fresh.float(), None, noise))
+    for key in ("precision", "recall", "outliers"):
+        tolerance = binomial_tolerance(shipped_scores[key], fresh_scores[key], points)
+        assert abs(shipped_scores[key] - fresh_scores[key]) < tolerance, (key, shipped_scores, fresh_scores)

@@ -1,5 +1,6 @@
-"""The paper's 2D toy experiment: ground-truth mixture, models, training (fused sampler, metrics,
-figures and demo live in their own modules of this package)."""
+"""The paper's 2D toy experiment in EDM2's setting: ground-truth mixtures (mixture), models
+(model), training (train), the sampling protocol (protocol), the fused sampler and its kernels
+(fused, csrc/, triton_sampler), metrics, figures and the demo, each in its own module."""
 from fastguide.toy.mixture import GaussianMixture, tree_mixture
 from fastguide.toy.model import ToyModel, load_model
 

@@ -1,9 +1,12 @@
-"""The figures of the toy experiment (matplotlib, PNG; no pyplot, so no display is needed).
+"""The figures of the toy experiment in the paper's layout (matplotlib, PNG; no pyplot, so no display
+is needed).  Views and the noise level of Figure 2 are EDM2's toy example's.
 
-figure1: the paper's Figure 1 analogue: samples of the ground truth, no guidance, CFG and
-autoguidance over the ground truth's density, each with a zoomed inset on a few branch tips.
-figure2: the Figure 2 analogue at one or more noise levels σ: the densities p1 of the main
-model and p0 of the guide, their ratio p1/p0, and the guided score field that moves samples.
+figure1: one panel per sample set (ground truth, no guidance, CFG, autoguidance) over the class
+regions — class A orange, the union of A and B grey — each with an inset of Figure 2's window.
+figure2: a zoom on a few branches at σ = 0.03: the trajectories without guidance, the densities p1
+of the main model and p0 of the guide (with their scores at the start points), their ratio
+p1/p0 (with its score ∇log p1 − ∇log p0), and the guided score field ∇log p0 + w·∇log(p1/p0)
+with the trajectories it drives.
 """
 import math
 
@@ -12,11 +15,22 @@ from matplotlib.figure import Figure
 
 from fastguide import reference
 
-EXTENT = (-1.1, 1.45, -0.8, 1.55)          # x_lo, x_hi, y_lo, y_hi: class A of the tree, room for the inset
-ZOOM = (0.9, 1.3, -0.1, 0.3)               # a group of branch tips (x_lo, x_hi, y_lo, y_hi)
-INSET_BOUNDS = (0.02, 0.02, 0.38, 0.38)      # the inset's place in the panel (axes fraction), bottom left
-SAMPLE_COLOUR = "#d95f02"
-DENSITY_CMAP = "Greys"
+FIGURE1_VIEW = (0.30, 0.30, 1.2)           # centre x, centre y, half-width (EDM2's Figure 1 view)
+FIGURE2_VIEW = (0.45, 1.22, 0.3)           # EDM2's zoom: a few branches of class A
+FIGURE2_SIGMA = 0.03                       # the noise level of Figure 2 (EDM2's)
+REGION_DEPTH = 4.5                         # a class's region: log p within this many nats of its maximum
+# Figure 2's shading depths below the maximum, in nats (EDM2's): the models' densities, their ratio, and
+# the outline of the ground truth noised to σ.
+MODEL_DEPTH, RATIO_DEPTH, NOISED_OUTLINE_DEPTH = 6.25, 4.84, 2.0
+INSET_BOUNDS = (0.60, 0.02, 0.38, 0.38)    # the inset's place in a panel (axes fraction), bottom right
+CLASS_COLOURS = {"AB": "#e6e6e6", "A": "#ffcc99"}
+ARROW_LENGTH = 0.002                       # data units per unit of score (EDM2's arrows)
+
+
+def view_extent(view):
+    """(x_lo, x_hi, y_lo, y_hi) of a (centre x, centre y, half-width) view."""
+    x, y, half = view
+    return x - half, x + half, y - half, y + half
 
 
 def grid(extent, resolution):
@@ -34,50 +48,62 @@ def normalized_log_density(logp, xs, ys):
     return logp - torch.logsumexp(logp.flatten(), 0) - math.log(cell)
 
 
-def _truth_logp(ground_truth, points, sigma=0.0):
-    """The ground truth's log-density on grid points, in float32 (ample for a picture, and faster)."""
-    return ground_truth.logp(points.float(), sigma).double()
+def _on_grid(logp_fn, points, resolution):
+    """A log-density evaluated on grid points (in float32, ample for a picture) as [R, R] float64."""
+    with torch.no_grad():
+        return logp_fn(points.float()).double().reshape(resolution, resolution)
 
 
-def _shade_density(ax, xs, ys, logp, depth=10.0, cmap=DENSITY_CMAP, alpha=1.0):
-    """Shades a log-density, from its maximum down to depth nats below it."""
-    top = float(logp.max())
-    return ax.imshow(logp.clamp_min(top - depth).numpy(), origin="lower", cmap=cmap, alpha=alpha,
-                     extent=(float(xs[0]), float(xs[-1]), float(ys[0]), float(ys[-1])),
-                     vmin=top - depth, vmax=top, interpolation="bilinear")
-
-
-def _scatter(ax, points, size, alpha):
-    points = points.detach().cpu().float()
-    ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=size, c=SAMPLE_COLOUR, alpha=alpha,
-               linewidths=0, rasterized=True)
-
-
-def _frame(ax, extent):
+def _frame(ax, extent, title=None):
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=11)
 
 
-def figure1(path, ground_truth, panels, *, extent=EXTENT, zoom=ZOOM, resolution=300):
-    """Writes the Figure 1 analogue to path.
+def _regions(ax, xs, ys, class_logps):
+    """Fills each class's region (log p within REGION_DEPTH of its maximum) and outlines it."""
+    for name, logp in class_logps.items():
+        level = float(logp.max()) - REGION_DEPTH
+        ax.contourf(xs.numpy(), ys.numpy(), logp.numpy(), levels=[level, float("inf")], colors=[CLASS_COLOURS[name]])
+        ax.contour(xs.numpy(), ys.numpy(), logp.numpy(), levels=[level], colors="0.55", linewidths=0.6)
 
-    ground_truth: has logp(x) (the shaded background); panels: [(title, points [N, 2]), ...].
-    """
+
+def _shade(ax, xs, ys, logp, cmap, depth=8.0):
+    """Shades a log-density from its maximum down to depth nats below it."""
+    top = float(logp.max())
+    ax.imshow(logp.clamp_min(top - depth).numpy(), origin="lower", cmap=cmap, vmin=top - depth, vmax=top,
+              extent=(float(xs[0]), float(xs[-1]), float(ys[0]), float(ys[-1])), interpolation="bilinear")
+
+
+def _dots(ax, points, size, alpha):
+    points = points.detach().cpu().float()
+    ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=size, c="k", alpha=alpha, linewidths=0, rasterized=True)
+
+
+def figure1(path, ground_truth_by_class, panels, *, view=FIGURE1_VIEW, zoom=FIGURE2_VIEW, resolution=300):
+    """Writes Figure 1 to path.
+
+    ground_truth_by_class: {"AB": mixture, "A": mixture} (anything with logp(x)); panels:
+    [(title, samples [N, 2]), ...], drawn over the class regions with an inset of the zoom view."""
+    extent, zoom_extent = view_extent(view), view_extent(zoom)
     xs, ys, points = grid(extent, resolution)
-    background = normalized_log_density(_truth_logp(ground_truth, points).reshape(resolution, resolution), xs, ys)
+    zoom_xs, zoom_ys, zoom_points = grid(zoom_extent, resolution // 2)
+    logps = {name: _on_grid(truth.logp, points, resolution) for name, truth in ground_truth_by_class.items()}
+    zoom_logps = {name: _on_grid(truth.logp, zoom_points, resolution // 2)
+                  for name, truth in ground_truth_by_class.items()}
     fig = Figure(figsize=(3.6 * len(panels), 3.9), dpi=150, layout="constrained")
     for ax, (title, samples) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        _shade_density(ax, xs, ys, background, alpha=0.35)
-        _scatter(ax, samples, size=0.6, alpha=0.5)
-        _frame(ax, extent)
-        ax.set_title(title, fontsize=11)
+        _regions(ax, xs, ys, logps)
+        _dots(ax, samples, size=0.5, alpha=0.35)
+        _frame(ax, extent, title)
         inset = ax.inset_axes(INSET_BOUNDS)
-        _shade_density(inset, xs, ys, background, alpha=0.35)
-        _scatter(inset, samples, size=3.0, alpha=0.7)
-        _frame(inset, zoom)
+        _regions(inset, zoom_xs, zoom_ys, zoom_logps)
+        _dots(inset, samples, size=2.0, alpha=0.6)
+        _frame(inset, zoom_extent)
         ax.indicate_inset_zoom(inset, edgecolor="0.2", alpha=0.8)
     fig.savefig(path)
     return path
@@ -90,70 +116,61 @@ def model_log_densities(main, guide, sigma, points):
         return main.logp(x, sigma).double(), guide.logp(x, sigma).double()
 
 
-def guided_score(main, guide, guidance, sigma, points):
-    """∇log p0 + w·(∇log p1 − ∇log p0) on points at σ: (D_w(x) − x)/σ², the direction guidance moves x."""
+def scores(main, guide, guidance, sigma, points):
+    """{"main": ∇log p1, "guide": ∇log p0, "ratio": ∇log(p1/p0), "guided": ∇log p0 + w·∇log(p1/p0)} at points."""
     x = points.to(torch.float32)
-    score1, score0 = main.score(x, sigma).double(), guide.score(x, sigma).double()
-    return reference.guide(score1, score0, guidance)
+    main_score, guide_score = main.score(x, sigma).double(), guide.score(x, sigma).double()
+    return {"main": main_score, "guide": guide_score, "ratio": main_score - guide_score,
+            "guided": reference.guide(main_score, guide_score, guidance)}
 
 
-def figure2(path, main, guide, ground_truth, *, guidance, sigmas=(0.05, 0.15), extent=EXTENT,
-            resolution=100, arrows=30, title=None):
-    """Writes the Figure 2 analogue to path: one row per σ in sigmas.
+def figure2(path, main, guide, ground_truth, *, guidance, starts, trajectories, sigma=FIGURE2_SIGMA,
+            view=FIGURE2_VIEW, resolution=200, title=None):
+    """Writes Figure 2 to path: five panels over the zoom view at noise level σ.
 
-    Columns: log p1 (main model), log p0 (guide), log(p1/p0), and the guided density
-    p0·(p1/p0)^w with stream lines of its score ∇log p0 + w·∇log(p1/p0).  Densities are
-    normalised over the plotted grid; the black line outlines the ground truth noised to σ.
-    """
+    starts [M, 2]: the runs' start points (ground-truth samples noised to σ); trajectories:
+    {"none": [S+1, M, 2], "guided": [S+1, M, 2]} the runs without and with guidance from them."""
+    extent = view_extent(view)
     xs, ys, points = grid(extent, resolution)
-    fig = Figure(figsize=(14.4, 3.8 * len(sigmas)), dpi=120, layout="constrained")
-    rows = fig.subplots(len(sigmas), 4, squeeze=False)
+    truth = _on_grid(ground_truth.logp, points, resolution)
+    truth_noised = _on_grid(lambda x: ground_truth.logp(x, sigma), points, resolution)
+    log_p1, log_p0 = (normalized_log_density(v.reshape(resolution, resolution), xs, ys)
+                      for v in model_log_densities(main, guide, sigma, points))
+    at_starts = scores(main, guide, guidance, sigma, starts)
+    fig = Figure(figsize=(18.0, 4.0), dpi=120, layout="constrained")
+    axes = fig.subplots(1, 5)
     if title:
         fig.suptitle(title, fontsize=12)
-    for axes, sigma in zip(rows, sigmas):
-        log_p1, log_p0 = model_log_densities(main, guide, sigma, points)
-        log_p1 = normalized_log_density(log_p1.reshape(resolution, resolution), xs, ys)
-        log_p0 = normalized_log_density(log_p0.reshape(resolution, resolution), xs, ys)
-        truth = normalized_log_density(_truth_logp(ground_truth, points, sigma).reshape(resolution, resolution), xs, ys)
-        for ax, logp, title in ((axes[0], log_p1, r"main model $\log p_1$"), (axes[1], log_p0, r"guide $\log p_0$")):
-            fig.colorbar(_shade_density(ax, xs, ys, logp, cmap="viridis"), ax=ax, shrink=0.8)
-            ax.set_title(rf"{title}   ($\sigma$ = {sigma:g})", fontsize=10)
-        _ratio_panel(fig, axes[2], xs, ys, log_p1 - log_p0, truth)
-        _score_panel(fig, axes[3], main, guide, guidance, sigma, xs, ys, log_p1, log_p0, truth, extent, arrows)
-        for ax in axes:
-            _frame(ax, extent)
+    _trajectory_panel(axes[0], xs, ys, truth, trajectories["none"], "trajectories without guidance")
+    for ax, logp, cmap, key, name in ((axes[1], log_p1, "Greens", "main", r"main model $p_1$"),
+                                      (axes[2], log_p0, "Reds", "guide", r"guiding model $p_0$"),
+                                      (axes[3], log_p1 - log_p0, "Blues", "ratio", r"ratio $p_1 / p_0$")):
+        _shade(ax, xs, ys, logp, cmap, depth=RATIO_DEPTH if key == "ratio" else MODEL_DEPTH)
+        _outline(ax, xs, ys, truth_noised)
+        _arrows(ax, starts, at_starts[key])
+        _frame(ax, extent, rf"{name} at $\sigma$ = {sigma:g}")
+    _trajectory_panel(axes[4], xs, ys, truth, trajectories["guided"],
+                      rf"guided score ($w$ = {guidance:g}) and trajectories")
+    _arrows(axes[4], starts, at_starts["guided"])
     fig.savefig(path)
     return path
 
 
-def _ratio_panel(fig, ax, xs, ys, log_ratio, truth):
-    """log(p1/p0), clipped symmetrically at what the data region holds, with the data's outline."""
-    near_data = truth > truth.max() - 8
-    limit = float(log_ratio[near_data].abs().quantile(0.98)) if bool(near_data.any()) else 1.0
-    image = ax.imshow(log_ratio.clamp(-limit, limit).numpy(), origin="lower", cmap="RdBu_r",
-                      vmin=-limit, vmax=limit, interpolation="bilinear",
-                      extent=(float(xs[0]), float(xs[-1]), float(ys[0]), float(ys[-1])))
-    _outline(ax, xs, ys, truth)
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    ax.set_title(r"$\log(p_1 / p_0)$   (red: main more likely)", fontsize=10)
+def _outline(ax, xs, ys, logp):
+    level = float(logp.max()) - NOISED_OUTLINE_DEPTH
+    ax.contour(xs.numpy(), ys.numpy(), logp.numpy(), levels=[level], colors="C1", linewidths=0.8, alpha=0.8)
 
 
-def _outline(ax, xs, ys, truth, depth=6.0):
-    """The contour of the ground truth (noised to σ) depth nats below its maximum."""
-    ax.contour(xs.numpy(), ys.numpy(), truth.numpy(), levels=[float(truth.max()) - depth],
-               colors="k", linewidths=0.5, alpha=0.6)
+def _arrows(ax, at, vectors):
+    at, vectors = at.detach().cpu().double(), vectors.detach().cpu().double() * ARROW_LENGTH
+    ax.quiver(at[:, 0].numpy(), at[:, 1].numpy(), vectors[:, 0].numpy(), vectors[:, 1].numpy(), angles="xy",
+              scale_units="xy", scale=1.0, width=4e-3, color="k", alpha=0.8)
 
 
-def _score_panel(fig, ax, main, guide, guidance, sigma, xs, ys, log_p1, log_p0, truth, extent, arrows):
-    """Stream lines of the guided score over the guided density p0·(p1/p0)^w, coloured by log10 |score|."""
-    guided = normalized_log_density(reference.guide(log_p1, log_p0, guidance), xs, ys)
-    _shade_density(ax, xs, ys, guided, depth=8.0, alpha=0.6)
-    _outline(ax, xs, ys, truth)
-    coarse_xs, coarse_ys, coarse = grid(extent, arrows)
-    score = guided_score(main, guide, guidance, sigma, coarse).reshape(arrows, arrows, 2)
-    magnitude = score.norm(dim=2).clamp_min(1e-12)
-    lines = ax.streamplot(coarse_xs.numpy(), coarse_ys.numpy(), score[..., 0].numpy(), score[..., 1].numpy(),
-                          color=magnitude.log10().numpy(), cmap="plasma", density=0.8, linewidth=0.7,
-                          arrowsize=0.7)
-    fig.colorbar(lines.lines, ax=ax, shrink=0.8, label=r"$\log_{10}$ |score|")
-    ax.set_title(rf"guided $p_0\,(p_1/p_0)^{{{guidance:g}}}$ and its score", fontsize=10)
+def _trajectory_panel(ax, xs, ys, truth, trajectory, title):
+    _shade(ax, xs, ys, truth, "Oranges", depth=REGION_DEPTH * 2)
+    paths = trajectory.detach().cpu().double()
+    for m in range(paths.shape[1]):
+        ax.plot(paths[:, m, 0].numpy(), paths[:, m, 1].numpy(), "-", color="k", alpha=0.3, linewidth=0.8)
+    ax.plot(paths[-1, :, 0].numpy(), paths[-1, :, 1].numpy(), ".", color="k", markersize=4)
+    _frame(ax, (float(xs[0]), float(xs[-1]), float(ys[0]), float(ys[-1])), title)

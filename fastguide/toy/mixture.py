@@ -1,10 +1,26 @@
-"""The ground truth of the toy experiment: the tree-shaped 2D Gaussian mixture of
-"Guiding a Diffusion Model with a Bad Version of Itself" (Karras et al. 2024), built from the
-paper's published parameters, with its exact noised log-density, score, denoiser and samples.
+"""The ground truth of the toy experiment: the tree-shaped 2D Gaussian mixtures of classes A, B
+and AB of EDM2's toy example ("Guiding a Diffusion Model with a Bad Version of Itself", Karras et
+al. 2024; toy_example.py of NVlabs/edm2), re-implemented from its published construction and
+constants, with the exact noised log-density, score, denoiser and samples.
 
-Noising a mixture by N(0, σ²I) keeps it a mixture: component k becomes N(μ_k, Σ_k + σ²I).
-The score is the responsibility-weighted sum of the component scores −(Σ_k + σ²I)⁻¹(x − μ_k);
-it runs in the fused kernel fastguide_toy::mixture_score when fastguide.toy._C is built, else in PyTorch.
+The construction (EDM2's facts).  One numpy RandomState(2) grows class A's tree (trunk angle π/4),
+then class B's (5π/4), both from ORIGIN.  A branch at depth d = 0..6 starting at pos with angle a
+has length ℓ = 0.292·0.8^d·(1 + 0.2·n) and thickness 0.2·0.8^d/ℓ; it is 8 components at
+t = 0.07 .. 0.93 (evenly spaced) with mean (pos + t·ℓ·u)·SCALE, u = (cos a, sin a), covariance
+(uuᵀ + thickness²·(I − uuᵀ))·(s sᵀ) with s = SCALE·ℓ·0.06 (element-wise), and weight ℓ·0.5^d;
+then its two children start at its end with angles a ± 0.7^d·(1 + 0.2·n), the + child's whole
+subtree first (n: the next standard normal draw).
+
+The precision (also EDM2's).  EDM2 holds a mixture in float32: the weights normalised (in float64)
+and then rounded, the means and covariances rounded, and each covariance used through its float32
+eigendecomposition Q diag(λ) Qᵀ — noised to σ it is Q diag(λ + σ²) Qᵀ with precision
+Q diag(1/(λ + σ²)) Qᵀ and determinant Π(λ + σ²).  tree_mixture is that mixture exactly: the same
+float32 values, evaluated in float64 (in the same eigen form), which reproduces EDM2's own float64
+evaluation to ~1e-13 (tests/test_toy_mixture.py).
+
+Noising a mixture by N(0, σ²I) keeps it a mixture; the score is the responsibility-weighted sum of
+the component scores.  It runs in the fused kernel fastguide_toy::mixture_score when
+fastguide.toy._C is built, else in PyTorch.
 """
 import math
 import numbers
@@ -15,17 +31,18 @@ import torch
 from fastguide.toy.extension import has_cpu_kernel
 
 SIGMA_DATA = 0.5
+CLASSES = ("A", "B", "AB")
 DEPTH = 7                      # levels 0..6: 127 branches per class
 COMPONENTS_PER_BRANCH = 8
 SEED = 2
-ORIGIN = np.array([0.0030, 0.0325])
+ORIGIN = np.array([0.0030, 0.0325])         # where both trunks start (before scaling)
 SCALE = np.array([1.3136, 1.3844])
 START_ANGLES = {"A": math.pi / 4, "B": 5 * math.pi / 4}
 _CHUNK = 2048                  # points per block in the PyTorch path (bounds the [N, K] temporaries)
 
 
 def _grow_tree(rnd, start_angle):
-    """Components (means, covs, weights) of one class's tree, drawn from RandomState `rnd`."""
+    """Components (means, covs, weights) of one class's tree in float64, drawn from RandomState `rnd`."""
     means, covs, weights = [], [], []
     t_along = np.linspace(0.07, 0.93, COMPONENTS_PER_BRANCH)
 
@@ -39,31 +56,38 @@ def _grow_tree(rnd, start_angle):
         along = np.outer(u, u)
         cov = (along + thickness ** 2 * (np.eye(2) - along)) * np.outer(size, size)
         for t in t_along:
-            means.append(ORIGIN + SCALE * (start + t * length * u))
+            means.append((start + t * length * u) * SCALE)
             covs.append(cov)
             weights.append(length * 0.5 ** depth)
         end = start + length * u
         for sign in (1.0, -1.0):
             branch(depth + 1, end, angle + sign * 0.7 ** depth * (1 + 0.2 * rnd.randn()))
 
-    branch(0, np.zeros(2), start_angle)
+    branch(0, ORIGIN, start_angle)
     return np.array(means), np.array(covs), np.array(weights)
 
 
-def _tree_components():
-    """{class: (means, covs, weights)} for A and B, both drawn in order from one RandomState(2)."""
+def tree_components(classes="A"):
+    """(means [K,2], covs [K,2,2], weights [K]) of the classes' trees as constructed, float64 numpy
+    (the weights not normalised); both trees are always drawn, A first, from one RandomState(2)."""
+    _check_classes(classes)
     rnd = np.random.RandomState(SEED)
-    return {name: _grow_tree(rnd, START_ANGLES[name]) for name in ("A", "B")}
+    trees = {name: _grow_tree(rnd, START_ANGLES[name]) for name in ("A", "B")}
+    return tuple(np.concatenate([trees[name][i] for name in classes]) for i in range(3))
+
+
+def _check_classes(classes):
+    if classes not in CLASSES:
+        raise ValueError(f"classes must be one of {CLASSES}, got {classes!r}")
 
 
 def tree_mixture(classes="A"):
-    """The paper's mixture for classes "A", "B" or "AB" (1016 components per class)."""
-    if classes not in ("A", "B", "AB"):
-        raise ValueError(f"classes must be 'A', 'B' or 'AB', got {classes!r}")
-    trees = _tree_components()
-    parts = [trees[name] for name in classes]
-    means, covs, weights = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    return GaussianMixture(torch.from_numpy(means), torch.from_numpy(covs), torch.from_numpy(weights))
+    """EDM2's ground-truth mixture for classes "A", "B" or "AB" (1016 components per class), with
+    the parameters EDM2 holds (float32 values, covariances by their float32 eigendecomposition)."""
+    means, covs, weights = tree_components(classes)
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.from_numpy(covs).float())
+    return GaussianMixture(torch.from_numpy(means).float(), eigenvalues, eigenvectors,
+                           torch.from_numpy(weights / weights.sum()).float())
 
 
 def _sigma_vector(sigma, x):
@@ -91,38 +115,68 @@ def _use_kernel(x):
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and has_cpu_kernel("mixture_score")
 
 
-def score_and_logp_reference(x, sigma, means, covs, log_weights, dtype=torch.float64):
-    """(score [N,2], logp [N]) of the noised mixture in plain PyTorch (in `dtype`); sigma is a [N] tensor."""
+def score_and_logp_reference(x, sigma, means, eigenvalues, eigenvectors, log_weights, dtype=torch.float64):
+    """(score [N,2], logp [N]) of the noised mixture in plain PyTorch (in `dtype`); sigma is a [N] tensor.
+
+    Component k noised to σ: N(μ_k, Q_k diag(λ_k + σ²) Q_kᵀ), precision Q_k diag(1/(λ_k + σ²)) Q_kᵀ."""
     x, sigma = x.to(dtype), sigma.to(dtype)
-    means, covs, log_weights = (t.to(x.device, dtype) for t in (means, covs, log_weights))
+    means, eigenvalues, eigenvectors, log_weights = (t.to(x.device, dtype)
+                                                     for t in (means, eigenvalues, eigenvectors, log_weights))
     scores, logps = [], []
     for lo in range(0, x.shape[0], _CHUNK):
-        var = sigma[lo:lo + _CHUNK, None] ** 2                       # [n,1]
-        a, b, d = covs[:, 0, 0] + var, covs[:, 0, 1], covs[:, 1, 1] + var   # [n,K]
-        det = a * d - b * b
-        diff = x[lo:lo + _CHUNK, None, :] - means                      # [n,K,2]
-        dx, dy = diff[..., 0], diff[..., 1]
-        quad = (d * dx * dx - 2 * b * dx * dy + a * dy * dy) / det
-        logits = log_weights - 0.5 * quad - 0.5 * torch.log(det) - math.log(2 * math.pi)
+        noised = eigenvalues + sigma[lo:lo + _CHUNK, None, None] ** 2            # [n,K,2]
+        diff = x[lo:lo + _CHUNK, None, :] - means                                # r = x − μ: [n,K,2]
+        projected = torch.einsum("kij,nki->nkj", eigenvectors, diff) / noised    # diag(1/l)·Qᵀr
+        precision_r = torch.einsum("kij,nkj->nki", eigenvectors, projected)      # P r
+        quad = (diff * precision_r).sum(-1)
+        logits = log_weights - 0.5 * quad - 0.5 * torch.log(noised.prod(-1)) - math.log(2 * math.pi)
         logp = torch.logsumexp(logits, dim=1)
         resp = torch.exp(logits - logp[:, None])
-        grad_x = -(d * dx - b * dy) / det                              # −(Σ+σ²I)⁻¹(x−μ)
-        grad_y = -(a * dy - b * dx) / det
-        scores.append(torch.stack([(resp * grad_x).sum(1), (resp * grad_y).sum(1)], dim=1))
+        scores.append(-(resp[..., None] * precision_r).sum(1))
         logps.append(logp)
     return torch.cat(scores), torch.cat(logps)
 
 
 class GaussianMixture:
-    """A 2D Gaussian mixture (means [K,2], covs [K,2,2], weights [K], float64), itself a denoiser."""
+    """A 2D Gaussian mixture, itself a denoiser: means [K,2], the covariances by their
+    eigendecompositions Σ_k = Q_k diag(λ_k) Q_kᵀ (eigenvalues [K,2] > 0, eigenvectors [K,2,2], the
+    columns of Q_k) and weights [K] summing to 1, used as given (all held in float64).
+    GaussianMixture.from_covariances builds one from covariance matrices."""
 
-    def __init__(self, means, covs, weights):
-        self.means = means.to(torch.float64)
-        self.covs = covs.to(torch.float64)
-        self.weights = (weights / weights.sum()).to(torch.float64)
+    def __init__(self, means, eigenvalues, eigenvectors, weights):
+        self.means, self.eigenvalues, self.eigenvectors, self.weights = (
+            t.to(torch.float64) for t in (means, eigenvalues, eigenvectors, weights))
+        k = self.means.shape[0]
+        if self.means.shape != (k, 2) or self.eigenvalues.shape != (k, 2) or self.eigenvectors.shape != (k, 2, 2) \
+                or self.weights.shape != (k,):
+            raise ValueError(f"expected means [K,2], eigenvalues [K,2], eigenvectors [K,2,2] and weights [K], got "
+                             f"{[tuple(t.shape) for t in (self.means, self.eigenvalues, self.eigenvectors, self.weights)]}")
+        if not bool((self.eigenvalues > 0).all()) or not bool((self.weights > 0).all()):
+            raise ValueError("eigenvalues and weights must be positive")
+        if abs(float(self.weights.sum()) - 1) > 1e-6:
+            raise ValueError(f"weights must sum to 1 (within 1e-6), got {float(self.weights.sum())}")
         self._log_weights = torch.log(self.weights)
-        self._chol = torch.linalg.cholesky(self.covs)
+        self._root = self.eigenvectors * self.eigenvalues.sqrt()[:, None, :]     # Q diag(√λ): covs = root·rootᵀ
         self._cdf = torch.cumsum(self.weights, 0)
+        self._kernel_params = {}
+
+    @classmethod
+    def from_covariances(cls, means, covs, weights):
+        """A mixture from means [K,2], symmetric positive-definite covs [K,2,2] and positive weights [K]
+        (normalised here), eigendecomposed in float64."""
+        eigenvalues, eigenvectors = torch.linalg.eigh(covs.to(torch.float64))
+        weights = weights.to(torch.float64)
+        return cls(means, eigenvalues, eigenvectors, weights / weights.sum())
+
+    def components(self):
+        """(means, eigenvalues, eigenvectors, log weights): what score_and_logp_reference and the
+        kernel fastguide_toy::mixture_score take after x and sigma."""
+        return self.means, self.eigenvalues, self.eigenvectors, self._log_weights
+
+    @property
+    def covs(self):
+        """The covariance matrices Q diag(λ) Qᵀ, [K,2,2]."""
+        return self._root @ self._root.transpose(1, 2)
 
     def __len__(self):
         return self.means.shape[0]
@@ -130,10 +184,12 @@ class GaussianMixture:
     def _score_logp(self, x, sigma):
         _check_points(x)
         sigma = _sigma_vector(sigma, x)
+        params = self.components()
         if _use_kernel(x):
-            params = [t.to(x.dtype) for t in (self.means, self.covs, self._log_weights)]
-            return torch.ops.fastguide_toy.mixture_score(x.contiguous(), sigma, *params)
-        score, logp = score_and_logp_reference(x, sigma, self.means, self.covs, self._log_weights)
+            if x.dtype not in self._kernel_params:
+                self._kernel_params[x.dtype] = [t.to(x.dtype).contiguous() for t in params]
+            return torch.ops.fastguide_toy.mixture_score(x.contiguous(), sigma, *self._kernel_params[x.dtype])
+        score, logp = score_and_logp_reference(x, sigma, *params)
         return score.to(x.dtype), logp.to(x.dtype)
 
     def logp(self, x, sigma=0.0):
@@ -165,7 +221,7 @@ class GaussianMixture:
         uniform = torch.rand(n, dtype=torch.float64, generator=generator) * self._cdf[-1]
         index = torch.searchsorted(self._cdf, uniform, right=True).clamp_(max=len(self) - 1)
         z = torch.randn(n, 2, dtype=torch.float64, generator=generator)
-        y = self.means[index] + (self._chol[index] @ z[:, :, None])[:, :, 0]
+        y = self.means[index] + (self._root[index] @ z[:, :, None])[:, :, 0]
         if float(sigma) > 0:
             y = y + float(sigma) * torch.randn(n, 2, dtype=torch.float64, generator=generator)
         return y.float()

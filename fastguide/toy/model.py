@@ -3,6 +3,8 @@
 log p(x; σ) = gain·mean(y²)/σ − ½‖x·c_in‖², y an MLP of [x·c_in, ln σ/4, 1] built from
 magnitude-preserving linear layers (rows normalised to unit norm) and SiLU/0.596;
 score = ∂log p/∂x by autograd and D = x + σ²·score.  With gain = 0, D = c_skip·x.
+This is EDM2's toy model (toy_example.py of NVlabs/edm2): the same layers, initialisation order,
+normalisation and preconditioning, re-implemented.
 """
 import os
 
@@ -15,8 +17,9 @@ SILU_SCALE = 0.596             # 1/0.596 restores unit magnitude after SiLU of u
 
 
 def normalized_rows(weight, eps=1e-4):
-    """w / (eps + ‖row‖₂): each output row at (almost exactly) unit norm."""
-    return weight / (eps + weight.norm(dim=1, keepdim=True))
+    """EDM2's magnitude-preserving weight w / (eps·√fan_in + ‖row‖₂): each output row at (almost
+    exactly) unit norm."""
+    return weight / (eps * weight.shape[1] ** 0.5 + weight.norm(dim=1, keepdim=True))
 
 
 class ToyModel(nn.Module):
@@ -70,9 +73,10 @@ class ToyModel(nn.Module):
 
     @torch.no_grad()
     def normalize_weights(self):
-        """Forced weight normalisation: raw rows to norm √fan_in (leaves the effective weights unchanged)."""
+        """EDM2's forced weight normalisation: raw rows w → √fan_in·normalized_rows(w), norm ≈ √fan_in
+        (the effective weights change only through eps, by ~1e-4)."""
         for weight in self.weights:
-            weight.copy_(normalized_rows(weight, eps=0.0) * weight.shape[1] ** 0.5)
+            weight.copy_(normalized_rows(weight) * weight.shape[1] ** 0.5)
 
     def effective_weights(self):
         """[w0 (H×4), w1.., w_out (H×H)] as detached contiguous float32 tensors."""

@@ -1,8 +1,10 @@
 """Training of the toy models by exact score matching against the ground-truth mixture.
 
-Loss E‖σ·(score_model(x; σ) − score_true(x; σ))‖², x = y + σ·n, y drawn exactly from the mixture,
-ln σ ~ N(−2.3, 1.5²); Adam(0.9, 0.99) with lr 1e-2/√max(t/512, 1); forced weight normalisation
-after each step; the returned model is the power-function EMA (EDM2) of the trained one.
+EDM2's toy protocol (toy_example.py of NVlabs/edm2): loss σ²·mean over the 2 coordinates of
+(score_model(x; σ) − score_true(x; σ))², averaged over the batch (4096), x = y + σ·n with y drawn
+exactly from the mixture and ln σ ~ N(−2.3, 1.5²); Adam(0.9, 0.99) with lr 1e-2/√max(t/512, 1);
+forced weight normalisation before each step; the returned model is the power-function EMA
+(std 0.010) of the trained one, updated after each step.
 The ground-truth score (4096 points × 1016 components per step) runs in fastguide_toy::mixture_score.
 """
 import copy
@@ -65,9 +67,9 @@ def sample_batch(mixture, batch, generator):
 
 
 def score_matching_loss(model, x, sigma, target):
-    """Mean over the batch of ‖σ·(score_model − score_true)‖²."""
+    """Mean over the batch and the 2 coordinates of (σ·(score_model − score_true))²."""
     score = model.score(x, sigma, create_graph=True)
-    return (sigma[:, None] * (score - target)).square().sum(dim=1).mean()
+    return (sigma[:, None] * (score - target)).square().mean()
 
 
 def silu_derivatives(z):
@@ -126,8 +128,8 @@ def loss_and_grads(w_eff, gain, x, sigma, target, sigma_data=0.5):
     score = c_in[:, None] * delta_u - (c_in * c_in)[:, None] * x
     resid = score - target
     weight = sigma * sigma
-    loss = (weight[:, None] * resid * resid).sum() / n
-    grad_score = resid * (2 * weight / n)[:, None]
+    loss = (weight[:, None] * resid * resid).sum() / (2 * n)
+    grad_score = resid * (weight / n)[:, None]
     grads = [torch.zeros_like(w) for w in w_eff]
     # Tangent pass: a_l = ∂L/∂δz_l, b_l = ∂L/∂δs_l = a_l·φ'(z_l); second-order terms zz_l = a_l·δs_l·φ''(z_l).
     grad_delta_u = grad_score * c_in[:, None]
@@ -156,7 +158,8 @@ def loss_and_grads(w_eff, gain, x, sigma, target, sigma_data=0.5):
 
 
 def training_step(model, optimizer, x, sigma, target):
-    """One Adam step on the hand-written gradients, then forced weight normalisation; returns the loss."""
+    """Forced weight normalisation, then one Adam step on the hand-written gradients; returns the loss."""
+    model.normalize_weights()
     optimizer.zero_grad(set_to_none=True)
     w_eff = [normalized_rows(w) for w in model.weights]
     loss, grads, grad_gain = loss_and_grads([w.detach() for w in w_eff], model.gain.detach(), x, sigma, target,
@@ -164,7 +167,6 @@ def training_step(model, optimizer, x, sigma, target):
     torch.autograd.backward(w_eff, grads)     # through the (tiny) row normalisation
     model.gain.grad = grad_gain.reshape(model.gain.shape)
     optimizer.step()
-    model.normalize_weights()
     return loss
 
 
@@ -177,8 +179,7 @@ def train(classes="A", hidden=64, num_layers=4, iterations=4096, *, batch=4096, 
     mixture = tree_mixture(classes)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = ToyModel(hidden, num_layers)
-    model.normalize_weights()
+    model = ToyModel(hidden, num_layers)          # normalised by the first step (β_1 = 0 discards the EMA's start)
     ema = PowerEMA(model, ema_std)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
     losses = torch.empty(iterations)

@@ -1,10 +1,13 @@
-// fastguide_toy::mixture_score: the exact score and log-density of a 2D Gaussian mixture noised to σ
-// (component k becomes N(μ_k, Σ_k + σ²I)), σ per point — the ground truth of the toy experiment.
+// fastguide_toy::mixture_score: the exact score and log-density of a 2D Gaussian mixture noised to σ,
+// σ per point — the ground truth of the toy experiment.  Each covariance is given by its
+// eigendecomposition Σ_k = Q_k diag(λ_k) Q_kᵀ (as EDM2's toy mixture holds it), so component k
+// noised to σ is N(μ_k, Q_k diag(λ_k + σ²) Q_kᵀ) with precision Q_k diag(1/(λ_k + σ²)) Q_kᵀ.
 //
-// Per point x and component k, with A_k = Σ_k + σ²I = [[a, b], [b, d]], det = ad − b², r = x − μ_k:
-//   e_k    = log w_k − ½ rᵀA_k⁻¹r,         A_k⁻¹r = [d·r_x − b·r_y, a·r_y − b·r_x] / det
-//   p_k    = exp(e_k − max_j e_j) / √det    (the posterior weight up to a common factor)
-//   score  = −Σ_k p_k A_k⁻¹r / Σ_k p_k,     logp = max_j e_j + log Σ_k p_k − log 2π
+// Per point x and component k, with r = x − μ_k, (u, v) = Q_kᵀr, l_i = λ_ki + σ², det = l_0·l_1:
+//   a      = (u/l_0, v/l_1),                 P_k r = Q_k a,   rᵀP_k r = u·a_0 + v·a_1
+//   e_k    = log w_k − ½ rᵀP_k r
+//   p_k    = exp(e_k − max_j e_j) / √det     (the posterior weight up to a common factor)
+//   score  = −Σ_k p_k P_k r / Σ_k p_k,       logp = max_j e_j + log Σ_k p_k − log 2π
 // One pass over the components per point with an online logsumexp (one exp and one 1/√ per
 // pair, no log); components are vectorised (at::vec, SoA, padded with weight 0), points are
 // split over threads.
@@ -27,32 +30,35 @@ namespace {
 constexpr int64_t kPad = 16;  // components are padded to a multiple of every vector width
 
 // The components as structure-of-arrays, padded with log-weight −inf (contributing exactly 0).
+// q_ij is entry (i, j) of Q: column j is the eigenvector of eigenvalue λ_j.
 template <typename scalar_t>
 struct Components {
   int64_t count = 0;
-  std::vector<scalar_t> mean_x, mean_y, cov_xx, cov_xy, cov_yy, log_weight;
+  std::vector<scalar_t> mean_x, mean_y, lambda0, lambda1, q00, q01, q10, q11, log_weight;
 };
 
 template <typename scalar_t>
-Components<scalar_t> pack(const at::Tensor& means, const at::Tensor& covs, const at::Tensor& log_weights) {
+Components<scalar_t> pack(const at::Tensor& means, const at::Tensor& eigenvalues, const at::Tensor& eigenvectors,
+                          const at::Tensor& log_weights) {
   const int64_t k = means.size(0);
   Components<scalar_t> c;
   c.count = (k + kPad - 1) / kPad * kPad;
-  c.mean_x.assign(c.count, 0);
-  c.mean_y.assign(c.count, 0);
-  c.cov_xx.assign(c.count, 1);
-  c.cov_xy.assign(c.count, 0);
-  c.cov_yy.assign(c.count, 1);
+  for (auto* v : {&c.mean_x, &c.mean_y, &c.q01, &c.q10}) v->assign(c.count, 0);
+  for (auto* v : {&c.lambda0, &c.lambda1, &c.q00, &c.q11}) v->assign(c.count, 1);
   c.log_weight.assign(c.count, -std::numeric_limits<scalar_t>::infinity());
   auto m = means.accessor<scalar_t, 2>();
-  auto s = covs.accessor<scalar_t, 3>();
+  auto l = eigenvalues.accessor<scalar_t, 2>();
+  auto q = eigenvectors.accessor<scalar_t, 3>();
   auto w = log_weights.accessor<scalar_t, 1>();
   for (int64_t i = 0; i < k; ++i) {
     c.mean_x[i] = m[i][0];
     c.mean_y[i] = m[i][1];
-    c.cov_xx[i] = s[i][0][0];
-    c.cov_xy[i] = s[i][0][1];
-    c.cov_yy[i] = s[i][1][1];
+    c.lambda0[i] = l[i][0];
+    c.lambda1[i] = l[i][1];
+    c.q00[i] = q[i][0][0];
+    c.q01[i] = q[i][0][1];
+    c.q10[i] = q[i][1][0];
+    c.q11[i] = q[i][1][1];
     c.log_weight[i] = w[i];
   }
   return c;
@@ -101,10 +107,14 @@ void score_points(const Components<scalar_t>& c, const scalar_t* x, const scalar
     Vec lane_max(-std::numeric_limits<scalar_t>::max()), total(0), grad_x(0), grad_y(0);
     for (int64_t k = 0; k < c.count; k += kLanes) {
       const Vec rx = px - Vec::loadu(&c.mean_x[k]), ry = py - Vec::loadu(&c.mean_y[k]);
-      const Vec a = Vec::loadu(&c.cov_xx[k]) + var, b = Vec::loadu(&c.cov_xy[k]), d = Vec::loadu(&c.cov_yy[k]) + var;
-      const Vec isqrt_det = inv_sqrt(at::vec::fmsub(a, d, b * b));
+      const Vec q00 = Vec::loadu(&c.q00[k]), q01 = Vec::loadu(&c.q01[k]);
+      const Vec q10 = Vec::loadu(&c.q10[k]), q11 = Vec::loadu(&c.q11[k]);
+      const Vec u = at::vec::fmadd(q00, rx, q10 * ry), v = at::vec::fmadd(q01, rx, q11 * ry);  // Qᵀr
+      const Vec l0 = Vec::loadu(&c.lambda0[k]) + var, l1 = Vec::loadu(&c.lambda1[k]) + var;
+      const Vec isqrt_det = inv_sqrt(l0 * l1);
       const Vec idet = isqrt_det * isqrt_det;
-      const Vec quad = at::vec::fmadd(d * rx - (b + b) * ry, rx, a * ry * ry) * idet;  // rᵀ A⁻¹ r
+      const Vec a0 = u * l1 * idet, a1 = v * l0 * idet;                  // diag(1/l)·Qᵀr
+      const Vec quad = at::vec::fmadd(u, a0, v * a1);                    // rᵀPr
       const Vec e = at::vec::fnmadd(half, quad, Vec::loadu(&c.log_weight[k]));
       const Vec gap = e - lane_max;
       const Vec shrink = fast_exp(-gap.abs());                 // exp(−|e − max|)
@@ -112,10 +122,9 @@ void score_points(const Components<scalar_t>& c, const scalar_t* x, const scalar
       const Vec p = Vec::blendv(one, shrink, below) * isqrt_det;
       const Vec rescale = Vec::blendv(shrink, one, below);
       lane_max = at::vec::maximum(lane_max, e);
-      const Vec p_idet = p * idet;
       total = at::vec::fmadd(total, rescale, p);
-      grad_x = at::vec::fmadd(p_idet, at::vec::fmsub(b, ry, d * rx), grad_x * rescale);  // −p·(A⁻¹r)_x
-      grad_y = at::vec::fmadd(p_idet, at::vec::fmsub(b, rx, a * ry), grad_y * rescale);
+      grad_x = at::vec::fnmadd(p, at::vec::fmadd(q00, a0, q01 * a1), grad_x * rescale);  // −p·(Pr)_x
+      grad_y = at::vec::fnmadd(p, at::vec::fmadd(q10, a0, q11 * a1), grad_y * rescale);
     }
     scalar_t lanes_max[kLanes], lanes_total[kLanes], lanes_gx[kLanes], lanes_gy[kLanes];
     lane_max.store(lanes_max);
@@ -137,8 +146,8 @@ void score_points(const Components<scalar_t>& c, const scalar_t* x, const scalar
   }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& means, const at::Tensor& covs,
-                  const at::Tensor& log_weights) {
+void check_inputs(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& means,
+                  const at::Tensor& eigenvalues, const at::Tensor& eigenvectors, const at::Tensor& log_weights) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == 2, "mixture_score: x must have shape [N, 2], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "mixture_score: x must be float32 or float64, got ", x.scalar_type());
@@ -147,27 +156,30 @@ void check_inputs(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
   TORCH_CHECK(means.dim() == 2 && means.size(1) == 2 && means.size(0) > 0,
               "mixture_score: means must have shape [K, 2] with K > 0, got ", means.sizes());
   const int64_t k = means.size(0);
-  TORCH_CHECK(covs.dim() == 3 && covs.size(0) == k && covs.size(1) == 2 && covs.size(2) == 2,
-              "mixture_score: covs must have shape [", k, ", 2, 2], got ", covs.sizes());
+  TORCH_CHECK(eigenvalues.dim() == 2 && eigenvalues.size(0) == k && eigenvalues.size(1) == 2,
+              "mixture_score: eigenvalues must have shape [", k, ", 2], got ", eigenvalues.sizes());
+  TORCH_CHECK(eigenvectors.dim() == 3 && eigenvectors.size(0) == k && eigenvectors.size(1) == 2 &&
+                  eigenvectors.size(2) == 2,
+              "mixture_score: eigenvectors must have shape [", k, ", 2, 2], got ", eigenvectors.sizes());
   TORCH_CHECK(log_weights.dim() == 1 && log_weights.size(0) == k,
               "mixture_score: log_weights must have shape [", k, "], got ", log_weights.sizes());
-  for (const at::Tensor* t : {&sigma, &means, &covs, &log_weights}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "mixture_score: sigma, means, covs and log_weights must have "
-                "x's dtype ", x.scalar_type(), ", got ", t->scalar_type());
+  for (const at::Tensor* t : {&sigma, &means, &eigenvalues, &eigenvectors, &log_weights}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "mixture_score: sigma, means, eigenvalues, eigenvectors and "
+                "log_weights must have x's dtype ", x.scalar_type(), ", got ", t->scalar_type());
   }
-  for (const at::Tensor* t : {&x, &sigma, &means, &covs, &log_weights}) {
+  for (const at::Tensor* t : {&x, &sigma, &means, &eigenvalues, &eigenvectors, &log_weights}) {
     TORCH_CHECK(t->device().is_cpu(), "mixture_score: all inputs must be CPU tensors, got ", t->device());
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> mixture_score_cpu(const at::Tensor& x_in, const at::Tensor& sigma_in,
-                                                     const at::Tensor& means, const at::Tensor& covs,
-                                                     const at::Tensor& log_weights) {
-  check_inputs(x_in, sigma_in, means, covs, log_weights);
+                                                     const at::Tensor& means, const at::Tensor& eigenvalues,
+                                                     const at::Tensor& eigenvectors, const at::Tensor& log_weights) {
+  check_inputs(x_in, sigma_in, means, eigenvalues, eigenvectors, log_weights);
   const at::Tensor x = x_in.contiguous(), sigma = sigma_in.contiguous();
   at::Tensor score = at::empty_like(x), logp = at::empty({x.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mixture_score", [&] {
-    const Components<scalar_t> c = pack<scalar_t>(means, covs, log_weights);
+    const Components<scalar_t> c = pack<scalar_t>(means, eigenvalues, eigenvectors, log_weights);
     const scalar_t *xp = x.data_ptr<scalar_t>(), *sp = sigma.data_ptr<scalar_t>();
     scalar_t *score_p = score.data_ptr<scalar_t>(), *logp_p = logp.data_ptr<scalar_t>();
     at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
@@ -216,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_derivatives_cpu(const at::Te
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastguide_toy, m) {
-  m.def("mixture_score(Tensor x, Tensor sigma, Tensor means, Tensor covs, Tensor log_weights) -> (Tensor, Tensor)");
+  m.def("mixture_score(Tensor x, Tensor sigma, Tensor means, Tensor eigenvalues, Tensor eigenvectors, "
+        "Tensor log_weights) -> (Tensor, Tensor)");
   m.def("silu_derivatives(Tensor z) -> (Tensor, Tensor, Tensor)");
 }
 
