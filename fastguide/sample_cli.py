@@ -1,10 +1,11 @@
 """`fastguide sample`: sample a denoiser for a list of seeds, one file per seed, resumable.
 
-Every seed's noise (and, for class-conditional nets without --class, its class) comes from its own
-torch.Generator, the seeds are cut into the same batches whatever the number of processes, and the
-evaluation strategy is fixed rather than tuned by timing, so the files are byte-identical between a
-one-process run and `torchrun --nproc_per_node=N -m fastguide sample ...` (batches go to ranks
-round-robin, by RANK).
+Every seed's noise (and, for class-conditional nets without --class, its class), then the noise that
+churn and euler_ancestral add while sampling, come from its own torch.Generator; conditioning that a
+--net factory gives (see Source) is made per seed too.  The seeds are cut into the same batches whatever
+the number of processes, and the evaluation strategy is fixed rather than tuned by timing, so the files
+are byte-identical between a one-process run and `torchrun --nproc_per_node=N -m fastguide sample ...`
+(batches go to ranks round-robin, by RANK).
 
 A file on disk is complete or absent: each is written to a temporary name of its own writer, flushed
 to disk and renamed.  outdir/manifest.json holds the settings that decide the samples; a rerun with
@@ -15,6 +16,7 @@ non-finite is not written; the run goes on and ends naming its seeds (exit code 
 """
 import datetime
 import importlib
+import inspect
 import io
 import json
 import math
@@ -26,24 +28,32 @@ import socket
 import sys
 import time
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from fastguide import dispatch
+from fastguide import conditioning, dispatch, ops, rules
 from fastguide.batching import STRATEGIES
 from fastguide.guidance import DenoiserOutputError
 from fastguide.noise import SeededRandn
-from fastguide.sampler import SOLVERS, sample, schedule
+from fastguide.plan import EDM_DEFAULTS as EDM
+from fastguide.sampler import SOLVERS, check_sigmas, check_solver, sample, schedule, signal_scale_of
 
 FORMATS = ("npz", "png")
 PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 MAX_SEEDS = 10 ** 7
+MAX_SEED = 2 ** 32  # seeds below it, as EDM's generate.py takes them (seed % 2**32)
 MANIFEST = "manifest.json"
 NPZ_MEMBERS = ["class_label.npy", "seed.npy", "x.npy"]
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk that closes every PNG file
 HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
 STALE_AFTER_S = 3600  # another machine's temporary file this old has lost its writer
+DEFAULT_RULE = {"name": "lerp"}  # the manifest setting of no --rule: fastguide.rules.Lerp()
+SAMPLE_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(sample).parameters.items()}
+SOLVER_OPTIONS = {"--eta": "eta", "--churn": "S_churn", "--s-min": "S_min", "--s-max": "S_max",
+                  "--s-noise": "S_noise"}  # the options of the solver's added noise: sample()'s keywords
+SETTING_NAMES = {"sigmas": "the --net factory's sigmas", "rule": "--rule"}
 
 
 class UsageError(ValueError):
@@ -56,16 +66,35 @@ class OutputError(OSError):
 
 def add_arguments(parser):
     parser.add_argument("--net", required=True, metavar="MODULE:FACTORY",
-                        help="a callable returning the denoiser (x, sigma[B], labels) -> D(x)")
+                        help="a callable returning the denoiser (x, sigma[B], labels) -> D(x), or a dict (or object) "
+                             "with the denoiser and, optionally, conditioning(seeds, device), shape and "
+                             "sigmas(num_steps): see the README")
     parser.add_argument("--guide", metavar="MODULE:FACTORY", help="a callable returning the guiding denoiser")
     parser.add_argument("--guidance", type=float, default=1.0, help="guidance weight w (default 1: no guidance)")
     parser.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"),
                         help="guide only for sigma in (LO, HI]")
-    parser.add_argument("--steps", type=int, default=32, help="sampling steps (default 32)")
+    parser.add_argument("--rule", metavar="NAME",
+                        help=f"how the predictions combine, a rule of fastguide.rules: {', '.join(rules.RULES)} "
+                             f"(default lerp: D0 + w·(D1 − D0))")
+    parser.add_argument("--rule-arg", action="append", default=[], metavar="PARAM=VALUE",
+                        help="a parameter of --rule, e.g. --rule apg --rule-arg momentum=0.5 "
+                             "--rule-arg norm_threshold=15 (repeatable)")
+    parser.add_argument("--steps", type=int, default=EDM["num_steps"],
+                        help=f"sampling steps (default {EDM['num_steps']})")
     parser.add_argument("--solver", choices=SOLVERS, default="heun")
-    parser.add_argument("--sigma-min", type=float, default=0.002, help="clamped to the net's sigma_min if it has one")
-    parser.add_argument("--sigma-max", type=float, default=80.0, help="clamped to the net's sigma_max if it has one")
-    parser.add_argument("--rho", type=float, default=7.0)
+    parser.add_argument("--eta", type=float,
+                        help="euler_ancestral only: scale of the noise added per step (default 1)")
+    parser.add_argument("--churn", type=float,
+                        help="euler and heun only: EDM's S_churn, noise added before each step (default 0: none)")
+    parser.add_argument("--s-min", type=float, help="with --churn: churn only where sigma >= S_MIN (default 0)")
+    parser.add_argument("--s-max", type=float, help="with --churn: churn only where sigma <= S_MAX (default inf)")
+    parser.add_argument("--s-noise", type=float,
+                        help="with --churn or euler_ancestral: scale of the added noise, EDM's S_noise (default 1)")
+    parser.add_argument("--sigma-min", type=float,
+                        help=f"default {EDM['sigma_min']}; clamped to the net's sigma_min if it has one")
+    parser.add_argument("--sigma-max", type=float,
+                        help=f"default {EDM['sigma_max']}; clamped to the net's sigma_max if it has one")
+    parser.add_argument("--rho", type=float, help=f"default {EDM['rho']}")
     parser.add_argument("--seeds", default="0-63", help="seeds: ranges and lists, e.g. 0-49999 or 0,5,10-19")
     parser.add_argument("--batch", type=int, default=32, help="samples per batch (default 32)")
     parser.add_argument("--num-classes", type=int, metavar="N",
@@ -74,7 +103,8 @@ def add_arguments(parser):
                         help="class K for every seed (default: one drawn from each seed's generator)")
     parser.add_argument("--null-class", type=int, metavar="K",
                         help="CFG without --guide: the unconditional label is class K (default: all-zero labels)")
-    parser.add_argument("--shape", help="sample shape C,H,W (default: the net's img_channels and img_resolution)")
+    parser.add_argument("--shape", help="sample shape C,H,W (default: the factory's shape, or the net's "
+                                        "img_channels and img_resolution)")
     parser.add_argument("--outdir", required=True, help="where the files go (created if missing)")
     parser.add_argument("--format", choices=FORMATS, default="png",
                         help="png: 8-bit images of x in [-1, 1] (1, 3 or 4 channels); npz: the float32 sample itself")
@@ -136,8 +166,9 @@ def parse_seeds(text):
         first, last = int(match[1]), int(match[2] if match[2] is not None else match[1])
         if last < first:
             raise UsageError(f"--seeds: range {item!r} ends before it starts")
-        if last >= 2 ** 63:
-            raise UsageError(f"--seeds: seed {last} is too large (must be < 2**63)")
+        if last >= MAX_SEED:
+            raise UsageError(f"--seeds: seed {last} is too large (must be < 2**32: torch's CPU generator keeps 32 "
+                             f"bits of a seed, so seed {last} would draw the noise of seed {last % MAX_SEED})")
         if len(seeds) + last - first + 1 > MAX_SEEDS:
             raise UsageError(f"--seeds: {text!r} names more than {MAX_SEEDS} seeds; split the run")
         seeds.extend(range(first, last + 1))
@@ -157,8 +188,36 @@ def format_seeds(seeds):
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in items)
 
 
+class Source(NamedTuple):
+    """What a --net factory returns: a denoiser, or a dict (or an object with these attributes) holding
+
+    denoiser      (x, sigma[B], labels) -> D(x); a dict of labels arrives as keyword arguments
+    conditioning  optional: conditioning(seeds, device) -> (labels, guide_labels), each None, a tensor or
+                  a dict of tensors with one row per seed; row k must depend on seed k only, so that a
+                  sample does not depend on its batch.  guide_labels are the unconditional labels of CFG
+                  (no --guide); a --guide sees labels.
+    shape         optional: the shape of one sample, e.g. (16, 128, 128) (default: --shape, or the
+                  denoiser's img_channels and img_resolution)
+    sigmas        optional: sigmas(num_steps) -> the noise levels, a decreasing 1-D tensor of num_steps + 1
+                  ending in 0 (a flow model's t's: flow_sigmas); default EDM's, from --sigma-min ...
+    Of a --guide factory's result only the denoiser is used."""
+    denoiser: object
+    conditioning: object = None
+    shape: tuple = None
+    sigmas: object = None
+
+
 def load_factory(option, spec):
-    """Imports MODULE, calls FACTORY() and checks that it returned a callable denoiser."""
+    """Imports MODULE, calls FACTORY() and returns what it made as a Source (checked)."""
+    factory = _import_factory(option, spec)
+    try:
+        made = factory()
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a factory that fails (or exits) is bad input
+        raise UsageError(f"{option}: {spec}() raised {type(exc).__name__}: {exc}") from None
+    return _as_source(f"{option}: {spec}()", made)
+
+
+def _import_factory(option, spec):
     module_name, sep, attr_path = (spec or "").partition(":")
     if not sep or not module_name or not attr_path:
         raise UsageError(f"{option}: expected MODULE:FACTORY, got {spec!r}")
@@ -174,13 +233,34 @@ def load_factory(option, spec):
         factory = getattr(factory, name)
     if not callable(factory):
         raise UsageError(f"{option}: {spec} is a {type(factory).__name__}, not a callable factory")
-    try:
-        net = factory()
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a factory that fails (or exits) is bad input
-        raise UsageError(f"{option}: {spec}() raised {type(exc).__name__}: {exc}") from None
-    if not callable(net):
-        raise UsageError(f"{option}: {spec}() returned a {type(net).__name__}, expected a callable denoiser")
-    return net
+    return factory
+
+
+def _as_source(what, made):
+    """A factory's result: a denoiser, a dict with Source's fields, or an object with a denoiser attribute
+    (and, optionally, the other fields)."""
+    if isinstance(made, dict):
+        unknown = sorted(set(made) - set(Source._fields))
+        if unknown:
+            raise UsageError(f"{what} returned a dict with key {unknown[0]!r}; expected keys among "
+                             f"{', '.join(Source._fields)}")
+        if "denoiser" not in made:
+            raise UsageError(f"{what} returned a dict without a 'denoiser'")
+        fields = made
+    elif hasattr(made, "denoiser"):
+        fields = {name: getattr(made, name, None) for name in Source._fields}
+    else:
+        fields = {"denoiser": made}
+    source = Source(**fields)
+    if not callable(source.denoiser):
+        raise UsageError(f"{what} returned a {type(source.denoiser).__name__}, expected a callable denoiser")
+    for name in ("conditioning", "sigmas"):
+        value = getattr(source, name)
+        if value is not None and not callable(value):
+            raise UsageError(f"{what}: its {name} is a {type(value).__name__}, expected a callable")
+    if source.shape is not None:
+        source = source._replace(shape=_check_shape(f"{what}: its shape", source.shape))
+    return source
 
 
 def _prepare(args, local_rank):
@@ -194,6 +274,8 @@ def _prepare(args, local_rank):
         raise UsageError(f"--guidance must be finite, got {args.guidance}")
     if args.interval is not None and not args.interval[0] < args.interval[1]:
         raise UsageError(f"--interval needs LO < HI, got {args.interval[0]} {args.interval[1]}")
+    solver_options = _solver_options(args)
+    rule, rule_setting = guidance_rule(args.rule, args.rule_arg)
     device = _device(args.device, local_rank)
     try:
         dispatch.check_name(args.backend, "--backend")
@@ -204,30 +286,198 @@ def _prepare(args, local_rank):
     if shape is not None:
         _check_format(args.format, shape)
     _check_outdir(args.outdir, seeds, args.format)
-    net = load_factory("--net", args.net)
-    guide = load_factory("--guide", args.guide) if args.guide else None
-    num_classes = _num_classes(args, net)
-    if args.guidance != 1 and guide is None and not num_classes:
-        raise UsageError("--guidance != 1 needs --guide, or class labels (--num-classes) for CFG")
+    source = load_factory("--net", args.net)
+    _check_solver_for(source.denoiser, solver_options)
+    guide = load_factory("--guide", args.guide).denoiser if args.guide else None
+    num_classes, cfg_labels = _conditioning_kind(args, source, seeds, device)
+    if args.guidance != 1 and guide is None and not cfg_labels:
+        raise UsageError("--guidance != 1 needs --guide, or unconditional labels for CFG: --num-classes, or "
+                         "guide_labels from the --net factory's conditioning")
     if shape is None:
-        shape = _net_shape(net)
+        shape = source.shape or _net_shape(source.denoiser)
         _check_format(args.format, shape)
-    sigma_min = max(args.sigma_min, float(getattr(net, "sigma_min", 0.0)))
-    sigma_max = min(args.sigma_max, float(getattr(net, "sigma_max", math.inf)))
-    try:
-        schedule(args.steps, sigma_min, sigma_max, args.rho)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"the noise schedule (--sigma-min, --sigma-max, --rho, clamped to the net's "
-                         f"sigma range): {exc}") from None
     strategy = args.strategy or ("separate" if guide is not None else "cfg-batch")
     if strategy == "cfg-batch" and guide is not None:
         raise UsageError("--strategy cfg-batch is for CFG (no --guide)")
-    plan = dict(seeds=seeds, device=device, net=net, guide=guide, num_classes=num_classes, shape=shape,
-                sigma_min=sigma_min, sigma_max=sigma_max, strategy=strategy, outdir=args.outdir, args=args)
+    plan = dict(seeds=seeds, device=device, net=source.denoiser, guide=guide, conditioning=source.conditioning,
+                num_classes=num_classes, shape=shape, strategy=strategy, outdir=args.outdir, args=args,
+                schedule=_schedule(args, source), solver_options=solver_options, rule=rule,
+                rule_setting=rule_setting)
     _open_outdir(plan)
-    plan["net"], plan["guide"] = (_to_device(m, device) for m in (net, guide))
+    plan["net"], plan["guide"] = (_to_device(m, device) for m in (plan["net"], guide))
     plan["setup_s"] = time.perf_counter() - started
     return plan
+
+
+def _solver_options(args):
+    """sample()'s solver keywords from --solver, --eta, --churn, --s-min, --s-max and --s-noise (defaults:
+    sample's).  An option that does not apply to the solver is refused (so none is recorded that changes
+    nothing)."""
+    solver, churn = args.solver, args.churn is not None
+    applies = {"--eta": (solver == "euler_ancestral", "--solver euler_ancestral"),
+               "--churn": (solver in ("euler", "heun"), "--solver euler or heun"),
+               "--s-min": (churn, "--churn"), "--s-max": (churn, "--churn"),
+               "--s-noise": (churn or solver == "euler_ancestral", "--churn or --solver euler_ancestral")}
+    options = dict(solver=solver)
+    for option, keyword in SOLVER_OPTIONS.items():
+        value = getattr(args, option[2:].replace("-", "_"))
+        ok, needs = applies[option]
+        if value is not None and not ok:
+            raise UsageError(f"{option} applies with {needs} only (here --solver {solver})")
+        options[keyword] = _given(value, SAMPLE_DEFAULTS[keyword])
+    try:
+        ops.check_real("--eta", options["eta"], minimum=0.0, strict=False)
+        ops.check_real("--churn", options["S_churn"], minimum=0.0, strict=False)
+        ops.check_real("--s-min", options["S_min"])
+        ops.check_real("--s-max", options["S_max"], finite=False)
+        ops.check_real("--s-noise", options["S_noise"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if options["S_min"] > options["S_max"]:
+        raise UsageError(f"--s-min must be <= --s-max, got {options['S_min']} > {options['S_max']}")
+    return options
+
+
+def solver_settings(options):
+    """The manifest's settings of the solver's noise options (an unbounded S_max as None: JSON has no inf)."""
+    settings = {option[2:].replace("-", "_"): options[keyword] for option, keyword in SOLVER_OPTIONS.items()}
+    if math.isinf(settings["s_max"]):
+        settings["s_max"] = None
+    return settings
+
+
+def _check_solver_for(net, options):
+    """Solvers that add noise as x0 + σ·ε are refused for a net that declares another signal scale (flow models)."""
+    try:
+        check_solver(options["solver"], options["S_churn"], options["eta"], signal_scale_of(net))
+    except (TypeError, ValueError) as exc:
+        option = "--churn" if options["S_churn"] > 0 else f"--solver {options['solver']}"
+        raise UsageError(f"{option} does not suit the --net denoiser: {exc}") from None
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def guidance_rule(name, rule_args):
+    """(rule for sample's guidance_rule, or None for the default, and the rule's manifest setting) from
+    --rule NAME and its --rule-arg PARAM=VALUE items; each value is parsed as the type of the
+    parameter's default (a number, or a word such as space=eps)."""
+    if name is None:
+        if rule_args:
+            raise UsageError(f"--rule-arg {rule_args[0]} needs --rule NAME")
+        return None, dict(DEFAULT_RULE)
+    if name not in rules.RULES:
+        raise UsageError(f"--rule: unknown rule {name!r}; choose one of {', '.join(rules.RULES)}")
+    cls = rules.RULES[name]
+    parameters = inspect.signature(cls).parameters
+    kwargs = {}
+    for item in rule_args:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--rule-arg: expected PARAM=VALUE, got {item!r}")
+        key = key.strip()
+        if key not in parameters:
+            raise UsageError(f"--rule-arg {item}: rule {name} has no parameter {key!r} "
+                             f"(it takes: {', '.join(parameters) or 'none'})")
+        if key in kwargs:
+            raise UsageError(f"--rule-arg: parameter {key!r} is given more than once")
+        kwargs[key] = _rule_value(item, text.strip(), parameters[key].default)
+    try:
+        rule = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--rule {name}: {exc}") from None
+    return rule, dict(name=rule.name, **rule.params())
+
+
+def _rule_value(item, text, default):
+    """text as the type of the parameter's default: an integer, a number or a word."""
+    expected = {int: "an integer", float: "a number", str: "a word"}.get(type(default))
+    if expected is None:
+        raise UsageError(f"--rule-arg {item}: the CLI cannot set this parameter (its default is {default!r})")
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise UsageError(f"--rule-arg {item}: expected {expected}") from None
+
+
+def _conditioning_kind(args, source, seeds, device):
+    """(number of classes for one-hot labels, whether CFG has unconditional labels).  A factory that gives
+    its conditioning is called once here, on the first two seeds, to check what it returns."""
+    if source.conditioning is None:
+        num_classes = _num_classes(args, source.denoiser)
+        return num_classes, bool(num_classes)
+    for option, value in (("--num-classes", args.num_classes), ("--class", args.class_idx),
+                          ("--null-class", args.null_class)):
+        if value is not None:
+            raise UsageError(f"{option} does not apply: the --net factory gives the conditioning")
+    _, guide_labels = factory_conditioning(source.conditioning, seeds[:2], device, args.net)
+    return 0, guide_labels is not None
+
+
+def factory_conditioning(function, seeds, device, spec):
+    """(labels, guide_labels) of the factory's conditioning(seeds, device): each None, a tensor or a
+    dict of tensors with one row per seed (row k must depend on seed k only), moved to device."""
+    what = f"--net: {spec}'s conditioning({format_seeds(seeds)})"
+    try:
+        result = function(list(seeds), device)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the factory's code failing is bad input
+        raise UsageError(f"{what} raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise UsageError(f"{what} returned a {type(result).__name__}; expected a pair (labels, guide_labels)")
+    labels, guide_labels = (_to(value, device) for value in result)
+    try:
+        conditioning.check("labels", labels, len(seeds))
+        conditioning.check("guide_labels", guide_labels, len(seeds))
+        if guide_labels is not None:
+            conditioning.check_pair("guide_labels", guide_labels, "labels", labels)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{what}: {exc}") from None
+    return labels, guide_labels
+
+
+def _to(cond, device):
+    if isinstance(cond, torch.Tensor):
+        return cond.to(device)
+    if isinstance(cond, dict):
+        return {key: _to(value, device) for key, value in cond.items()}
+    return cond
+
+
+def _schedule(args, source):
+    """sample()'s schedule keywords: the factory's sigmas(--steps), or EDM's (--sigma-min, --sigma-max,
+    --rho; defaults fastguide.plan.EDM_DEFAULTS) clamped to the net's sigma range."""
+    edm_options = {"--sigma-min": args.sigma_min, "--sigma-max": args.sigma_max, "--rho": args.rho}
+    if source.sigmas is not None:
+        given = [option for option, value in edm_options.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} does not apply: the --net factory gives the schedule (sigmas)")
+        return dict(sigmas=_factory_sigmas(source.sigmas, args.steps, args.net))
+    net = source.denoiser
+    sigma_min = max(_given(args.sigma_min, EDM["sigma_min"]), float(getattr(net, "sigma_min", 0.0)))
+    sigma_max = min(_given(args.sigma_max, EDM["sigma_max"]), float(getattr(net, "sigma_max", math.inf)))
+    rho = _given(args.rho, EDM["rho"])
+    try:
+        schedule(args.steps, sigma_min, sigma_max, rho)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"the noise schedule (--sigma-min, --sigma-max, --rho, clamped to the net's "
+                         f"sigma range): {exc}") from None
+    return dict(num_steps=args.steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+
+
+def _factory_sigmas(function, steps, spec):
+    what = f"--net: {spec}'s sigmas({steps})"
+    try:
+        sigmas = function(steps)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the factory's code failing is bad input
+        raise UsageError(f"{what} raised {type(exc).__name__}: {exc}") from None
+    try:
+        values = check_sigmas(sigmas)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{what}: {exc}") from None
+    if len(values) != steps + 1:
+        raise UsageError(f"{what} gave {len(values)} noise levels; expected --steps + 1 = {steps + 1}")
+    return sigmas.detach().cpu()
 
 
 def _check_positive(option, value):
@@ -273,6 +523,17 @@ def _parse_shape(text):
     if not shape or min(shape) < 1:
         raise UsageError(f"--shape: expected positive integers like 3,64,64, got {text!r}")
     return shape
+
+
+def _check_shape(what, shape):
+    """A factory's shape as a tuple of positive integers."""
+    try:
+        items = list(shape)
+    except TypeError:
+        items = []
+    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items):
+        raise UsageError(f"{what} must be a sequence of positive integers like (4, 64, 64), got {shape!r}")
+    return tuple(items)
 
 
 def _net_shape(net):
@@ -328,10 +589,14 @@ def sample_settings(plan):
     Not here, as they do not change which samples are drawn: --seeds (which seeds, each sampled alike
     whatever the others), --outdir, and how the same computation is carried out: --batch, --device,
     --backend, --strategy and the number of processes (these can change the last float bits, never
-    more).  The dtype is float32, always."""
-    args = plan["args"]
-    return dict(net=args.net, guide=args.guide, guidance=args.guidance, interval=args.interval, steps=args.steps,
-                solver=args.solver, sigma_min=plan["sigma_min"], sigma_max=plan["sigma_max"], rho=args.rho,
+    more).  The dtype is float32, always.  The schedule is EDM's (sigma_min, sigma_max, rho) or the
+    --net factory's (sigmas, the list of noise levels); an unbounded --s-max is None."""
+    args, schedule = plan["args"], plan["schedule"]
+    sigmas = schedule.get("sigmas")
+    return dict(net=args.net, guide=args.guide, guidance=args.guidance, interval=args.interval,
+                rule=plan["rule_setting"], steps=args.steps, solver=args.solver,
+                **solver_settings(plan["solver_options"]), sigma_min=schedule.get("sigma_min"), sigma_max=schedule.get("sigma_max"), rho=schedule.get("rho"),
+                sigmas=None if sigmas is None else check_sigmas(sigmas),
                 num_classes=plan["num_classes"], **{"class": args.class_idx}, null_class=args.null_class,
                 shape=list(plan["shape"]), format=args.format)
 
@@ -378,11 +643,20 @@ def _read_manifest(path, force):
 
 
 def _check_settings(path, found, settings):
-    differing = [f"--{key.replace('_', '-')} {found.get(key)!r} there, {value!r} here"
-                 for key, value in settings.items() if found.get(key) != value]
+    differing = [f"{SETTING_NAMES.get(key, '--' + key.replace('_', '-'))} {_found(found, key)!r} there, "
+                 f"{value!r} here" for key, value in settings.items() if _found(found, key) != value]
     if differing:
         raise UsageError(f"--outdir holds samples made with other settings ({path}): {'; '.join(differing)}. "
                          "Use another --outdir, or pass --force to sample into it anyway")
+
+
+def _found(found, key):
+    """A manifest's setting; one added since it was written (absent) is what its run used, the default."""
+    return found[key] if key in found else SETTINGS_ADDED.get(key)
+
+
+# Settings added to the manifest since its first version, with the values that runs before them used.
+SETTINGS_ADDED = dict(rule=DEFAULT_RULE, sigmas=None, **solver_settings(SAMPLE_DEFAULTS))
 
 
 def _make_folder(folder):
@@ -552,7 +826,7 @@ def _run_batch(plan, batch_seeds, missing, counts):
     started = time.perf_counter()
     try:
         samples, labels, stats = _sample_batch(plan, batch_seeds)
-    except (DenoiserOutputError, FloatingPointError) as exc:
+    except (DenoiserOutputError, FloatingPointError, UsageError) as exc:  # UsageError: the factory's conditioning
         counts["failed"].setdefault(str(exc), []).extend(missing)
         return
     finally:
@@ -580,26 +854,43 @@ def class_labels(plan, generators):
     return torch.stack([torch.randint(num_classes, size=(), generator=g, device=g.device) for g in generators]).cpu()
 
 
-def _sample_batch(plan, batch_seeds):
-    """(samples [B, *shape] on CPU, class per row or -1, sampler stats) for one batch."""
+def _labels(plan, batch_seeds, randn):
+    """(labels, guide_labels, class per row or -1) of a batch: the --net factory's conditioning, or
+    one-hot classes.  guide_labels (the unconditional labels) only for CFG: a --guide sees labels."""
     args, device, num_classes = plan["args"], plan["device"], plan["num_classes"]
-    randn = SeededRandn(batch_seeds, device)
-    noise = randn.randn(plan["shape"])
-    labels = guide_labels = None
     classes = torch.full((len(batch_seeds),), -1, dtype=torch.long)
-    if num_classes:
-        classes = class_labels(plan, randn.generators)
-        labels = torch.eye(num_classes, device=device)[classes.to(device)]
-        if plan["guide"] is None and args.guidance != 1:
-            guide_labels = torch.zeros_like(labels)
-            if args.null_class is not None:
-                guide_labels[:, args.null_class] = 1
+    cfg = plan["guide"] is None and args.guidance != 1
+    if plan["conditioning"] is not None:
+        labels, guide_labels = factory_conditioning(plan["conditioning"], batch_seeds, device, args.net)
+        return labels, guide_labels if cfg else None, classes
+    if not num_classes:
+        return None, None, classes
+    classes = class_labels(plan, randn.generators)
+    labels = torch.eye(num_classes, device=device)[classes.to(device)]
+    guide_labels = None
+    if cfg:
+        guide_labels = torch.zeros_like(labels)
+        if args.null_class is not None:
+            guide_labels[:, args.null_class] = 1
+    return labels, guide_labels, classes
+
+
+def _sample_batch(plan, batch_seeds):
+    """(samples [B, *shape] on CPU, class per row or -1, sampler stats) for one batch.
+
+    Each seed's generator draws its noise, then its class (if drawn), then the noise that churn and
+    euler_ancestral add during sampling: that noise continues the seed's own stream, so it is not a
+    replay of the initial noise, depends on the seed only, and is the noise EDM's generate.py draws
+    (randn_like=StackedRandomGenerator.randn_like)."""
+    args = plan["args"]
+    randn = SeededRandn(batch_seeds, plan["device"])
+    noise = randn.randn(plan["shape"])
+    labels, guide_labels, classes = _labels(plan, batch_seeds, randn)
     with torch.no_grad():
         samples, stats = sample(plan["net"], noise, labels=labels, guide=plan["guide"], guide_labels=guide_labels,
-                                guidance=args.guidance, guidance_interval=args.interval, num_steps=args.steps,
-                                sigma_min=plan["sigma_min"], sigma_max=plan["sigma_max"], rho=args.rho,
-                                solver=args.solver, backend=args.backend, strategy=plan["strategy"],
-                                return_stats=True)
+                                guidance=args.guidance, guidance_interval=args.interval, randn_like=randn,
+                                backend=args.backend, strategy=plan["strategy"], return_stats=True,
+                                guidance_rule=plan["rule"], **plan["schedule"], **plan["solver_options"])
     return samples.float().cpu(), classes, stats
 
 
@@ -643,8 +934,9 @@ def _write_record(args, plan, all_counts, world_size, total_s):
         command="fastguide sample", arguments=arguments, versions=_versions(),
         device=str(plan["device"]), world_size=world_size,
         backend=next((c["backend"] for c in all_counts if c["backend"]), None),
-        resolved=dict(shape=list(plan["shape"]), num_classes=plan["num_classes"], sigma_min=plan["sigma_min"],
-                      sigma_max=plan["sigma_max"], strategy=plan["strategy"], seeds=len(plan["seeds"])),
+        resolved=dict(shape=list(plan["shape"]), num_classes=plan["num_classes"],
+                      sigma_min=plan["schedule"].get("sigma_min"), sigma_max=plan["schedule"].get("sigma_max"),
+                      strategy=plan["strategy"], seeds=len(plan["seeds"])),
         timings=dict(total_s=total_s, sampling_s=sampling_s, setup_s=max(c["setup_s"] for c in all_counts),
                      samples_per_s=written / sampling_s if sampling_s > 0 else None),
         counts=dict(written=written, skipped=sum(c["skipped"] for c in all_counts),

@@ -98,3 +98,86 @@ def diffusers_unet():
                                  block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=5)
     return DiffusersDenoiser(unet, diffusers.EulerDiscreteScheduler(prediction_type="v_prediction"))
+
+
+# ---------------------------------------------------------------- factories that give conditioning and a schedule
+
+PROMPT_TABLE = torch.randn(5, 4, generator=torch.Generator().manual_seed(7))  # stand-in "prompt embeddings"
+
+
+def prompt_conditioning(seeds, device):
+    """Seed k gets row k mod 5 of PROMPT_TABLE (keyword 'emb'); the unconditional labels are zeros."""
+    emb = PROMPT_TABLE[[seed % 5 for seed in seeds]].to(device)
+    return {"emb": emb}, {"emb": torch.zeros_like(emb)}
+
+
+def prompt_sigmas(num_steps):
+    from fastguide.reference import edm_sigmas
+    return edm_sigmas(num_steps, 0.01, 20.0, 5.0)
+
+
+class KeywordNet(TinyNet):
+    """TinyNet conditioned through the keyword argument emb [B, 4] (a dict of conditioning)."""
+
+    def forward(self, x, sigma, emb=None):
+        return super().forward(x, sigma, emb)
+
+
+def prompted():
+    """A factory dict: denoiser, per-seed conditioning, shape and schedule."""
+    return dict(denoiser=KeywordNet(seed=0), conditioning=prompt_conditioning, shape=(3, 8, 8), sigmas=prompt_sigmas)
+
+
+class PromptedModel:
+    """The same as an object with attributes (no schedule: EDM's, clamped to sigma_max)."""
+
+    def __init__(self):
+        self.denoiser = KeywordNet(seed=0)
+        self.denoiser.sigma_max = 20.0
+
+    def conditioning(self, seeds, device):
+        return prompt_conditioning(seeds, device)
+
+
+def labels_only():
+    """Conditioning without unconditional labels: no CFG possible."""
+    def conditioning(seeds, device):
+        return {"emb": PROMPT_TABLE[[0] * len(seeds)]}, None
+    return dict(denoiser=KeywordNet(seed=0), conditioning=conditioning)
+
+
+def one_row_conditioning():
+    return dict(denoiser=KeywordNet(seed=0), conditioning=lambda seeds, device: prompt_conditioning(seeds[:1], device))
+
+
+def failing_later_conditioning():
+    """Conditioning that fails for seeds >= 4 (so, found while sampling rather than at the check)."""
+    def conditioning(seeds, device):
+        if max(seeds) >= 4:
+            raise KeyError(f"no prompt for seed {max(seeds)}")
+        return prompt_conditioning(seeds, device)
+    return dict(denoiser=KeywordNet(seed=0), conditioning=conditioning, shape=(3, 8, 8))
+
+
+def misspelt_dict():
+    return dict(denoiser=KeywordNet(seed=0), sigma=prompt_sigmas)
+
+
+def short_schedule():
+    return dict(denoiser=TinyNet(seed=0), sigmas=lambda num_steps: prompt_sigmas(num_steps)[1:])
+
+
+def zero_size_shape():
+    return dict(denoiser=TinyNet(seed=0), shape=(3, 8, 0))
+
+
+class FlowLikeNet(TinyNet):
+    """TinyNet declaring a flow's signal scale α(t) = 1 − t (as FlowMatchDenoiser does)."""
+
+    @staticmethod
+    def signal_scale(t):
+        return 1.0 - t
+
+
+def flow_like_net():
+    return FlowLikeNet(seed=0)

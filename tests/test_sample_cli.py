@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastguide
-from fastguide import sample_cli
+from fastguide import rules, sample_cli
 from fastguide._threads import torch_threads
 from fastguide.cli import main
 from nets_for_cli import TinyNet
@@ -70,21 +70,22 @@ def reference_run(tmp_path_factory):
     return outdir
 
 
-def expected_samples(net, seeds, guidance, num_classes=4, class_idx=None, steps=4, null_class=None, **options):
-    """What a batch of seeds should give: each seed's noise, then its class, from torch.Generator(seed)."""
-    noise, classes = [], []
-    for seed in seeds:
-        generator = torch.Generator().manual_seed(seed)
-        noise.append(torch.randn(3, 8, 8, generator=generator))
-        classes.append(class_idx if class_idx is not None else
-                       int(torch.randint(num_classes, size=(), generator=generator)))
+def expected_samples(net, seeds, guidance, num_classes=4, class_idx=None, steps=4, null_class=None, replay=False,
+                     **options):
+    """What a batch of seeds should give: from torch.Generator(seed), each seed's noise, then its class, then
+    the noise that churn and ancestral steps add (replay: a fresh generator's, the initial noise again)."""
+    randn = fastguide.SeededRandn(seeds)
+    noise = randn.randn((3, 8, 8))
+    classes = [class_idx if class_idx is not None else int(torch.randint(num_classes, size=(), generator=generator))
+               for generator in randn.generators]
     labels = torch.eye(num_classes)[classes]
     if "guide" not in options and guidance != 1:
         options["guide_labels"] = torch.zeros_like(labels)
         if null_class is not None:
             options["guide_labels"][:, null_class] = 1
     with torch.no_grad():
-        x = fastguide.sample(net, torch.stack(noise), labels=labels, guidance=guidance, num_steps=steps, **options)
+        x = fastguide.sample(net, noise, labels=labels, guidance=guidance, num_steps=steps,
+                             randn_like=fastguide.SeededRandn(seeds) if replay else randn, **options)
     return x, classes
 
 
@@ -244,7 +245,10 @@ BAD_INPUTS = {
     "seed range reversed": (["--seeds", "9-2"], "ends before it starts"),
     "seed list word": (["--seeds", "1,two"], "--seeds: malformed item 'two'"),
     "seed twice": (["--seeds", "0-3,2"], "more than once"),
-    "too many seeds": (["--seeds", "0-99999999999"], "names more than 10000000 seeds"),
+    "too many seeds": (["--seeds", "0-20000000"], "names more than 10000000 seeds"),
+    "seed aliasing a smaller one": (["--seeds", "0,4294967301"], "seed 4294967301 is too large (must be < 2**32: "
+                                                                  "torch's CPU generator keeps 32 bits of a seed, so "
+                                                                  "seed 4294967301 would draw the noise of seed 5)"),
     "no alphas_cumprod": (["--net", "nets_for_cli:diffusers_flow_match"], "has no alphas_cumprod"),
     "class out of range": (["--class", "4"], "--class 4 needs --num-classes"),
     "png channels": (["--net", "nets_for_cli:gray_net", "--shape", "2,4,4", "--format", "png"], "C = 1, 3 or 4"),
@@ -263,6 +267,39 @@ BAD_INPUTS = {
     "bad interval": (["--interval", "3", "1"], "LO < HI"),
     "bad steps": (["--steps", "0"], "--steps must be >= 1"),
     "cfg-batch with guide": (["--guide", "nets_for_cli:tiny_guide", "--strategy", "cfg-batch"], "is for CFG"),
+    # solver options that do not apply, or bad values: before the net is loaded
+    "eta with heun": (["--net", "nets_for_cli:broken_factory", "--eta", "0.5"],
+                      "--eta applies with --solver euler_ancestral only (here --solver heun)"),
+    "churn with dpmpp_2m": (["--net", "nets_for_cli:broken_factory", "--solver", "dpmpp_2m", "--churn", "1"],
+                            "--churn applies with --solver euler or heun only"),
+    "churn with ancestral": (["--solver", "euler_ancestral", "--churn", "1"], "--churn applies with --solver euler"),
+    "s-min without churn": (["--s-min", "0.1"], "--s-min applies with --churn only"),
+    "s-max without churn": (["--s-max", "10"], "--s-max applies with --churn only"),
+    "s-noise with plain heun": (["--s-noise", "1.01"], "--s-noise applies with --churn or --solver euler_ancestral"),
+    "negative churn": (["--churn", "-1"], "--churn must be >= 0.0, got -1.0"),
+    "negative eta": (["--solver", "euler_ancestral", "--eta", "-0.1"], "--eta must be >= 0.0"),
+    "nan s-noise": (["--solver", "euler_ancestral", "--s-noise", "nan"], "--s-noise must be finite"),
+    "s-min above s-max": (["--churn", "5", "--s-min", "3", "--s-max", "1"], "--s-min must be <= --s-max"),
+    "ancestral for a flow": (["--net", "nets_for_cli:flow_like_net", "--solver", "euler_ancestral"],
+                             "--solver euler_ancestral does not suit the --net denoiser: solver='euler_ancestral' "
+                             "adds noise as x = x0 + σ·ε, but net declares signal_scale"),
+    "churn for a flow": (["--net", "nets_for_cli:flow_like_net", "--churn", "1"],
+                         "--churn does not suit the --net denoiser: S_churn adds noise"),
+    "rule-arg without rule": (["--net", "nets_for_cli:broken_factory", "--rule-arg", "phi=0.5"],
+                              "--rule-arg phi=0.5 needs --rule NAME"),
+    # factories that give conditioning, shape or schedule
+    "class with factory conditioning": (["--net", "nets_for_cli:prompted", "--class", "1"],
+                                        "--class does not apply: the --net factory gives the conditioning"),
+    "rho with factory schedule": (["--net", "nets_for_cli:prompted", "--rho", "5"],
+                                  "--rho does not apply: the --net factory gives the schedule"),
+    "CFG without guide_labels": (["--net", "nets_for_cli:labels_only", "--shape", "3,8,8", "--guidance", "2"],
+                                 "guide_labels from the --net factory's conditioning"),
+    "conditioning of the wrong batch": (["--net", "nets_for_cli:one_row_conditioning", "--seeds", "0-1",
+                                         "--shape", "3,8,8"], "conditioning(0-1): labels['emb'] has batch (1,)"),
+    "misspelt factory key": (["--net", "nets_for_cli:misspelt_dict"], "returned a dict with key 'sigma'"),
+    "schedule of the wrong length": (["--net", "nets_for_cli:short_schedule"], "sigmas(2) gave 2 noise levels; "
+                                                                              "expected --steps + 1 = 3"),
+    "factory shape with a zero": (["--net", "nets_for_cli:zero_size_shape"], "its shape must be a sequence"),
 }
 
 
@@ -333,6 +370,171 @@ def test_exit_code_2_from_python_m_fastguide(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
+# ---------------------------------------------------------------- solvers that add noise, rules, factories
+
+NOISY_SOLVERS = {
+    "ancestral": (["--solver", "euler_ancestral", "--eta", "0.8", "--s-noise", "1.01"],
+                  dict(solver="euler_ancestral", eta=0.8, S_noise=1.01)),
+    "churn": (["--solver", "heun", "--churn", "30", "--s-min", "0.05", "--s-max", "40", "--s-noise", "1.003"],
+              dict(solver="heun", S_churn=30.0, S_min=0.05, S_max=40.0, S_noise=1.003)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOISY_SOLVERS))
+def test_added_noise_is_per_seed_and_not_the_initial_noise(case, tmp_path):
+    """The noise of ancestral steps and churn continues each seed's generator: the same bytes for any
+    batch size, and not a replay of the seed's initial noise."""
+    options, keywords = NOISY_SOLVERS[case]
+    outdirs = {batch: str(tmp_path / f"batch{batch}") for batch in (12, 5)}
+    for batch, outdir in outdirs.items():
+        assert run_common(*options, "--batch", str(batch), outdir=outdir) == 0
+    assert read_bytes(result_files(outdirs[5])) == read_bytes(result_files(outdirs[12]))
+    net = TinyNet(seed=0).eval()
+    with torch_threads(1):
+        x, _ = expected_samples(net, SEEDS, 2.0, **keywords)
+        replayed, _ = expected_samples(net, SEEDS, 2.0, replay=True, **keywords)
+        deterministic, _ = expected_samples(net, SEEDS, 2.0, solver=keywords["solver"])
+    files = result_files(outdirs[12])
+    for row, path in enumerate(files):
+        with np.load(path) as data:
+            assert max_rel_err(data["x"], x[row].numpy()) < 1e-6
+    assert max_rel_err(replayed.numpy(), x.numpy()) > 1e-2  # a replay of the initial noise is another sample
+    assert max_rel_err(deterministic.numpy(), x.numpy()) > 1e-2  # noise was added
+    settings = json.load(open(os.path.join(outdirs[12], "manifest.json")))["settings"]
+    expected = dict(eta=1.0, churn=0.0, s_min=0.0, s_max=None, s_noise=1.0)
+    expected.update({dict(S_churn="churn", S_min="s_min", S_max="s_max", S_noise="s_noise").get(k, k): v
+                     for k, v in keywords.items() if k != "solver"})
+    assert {key: settings[key] for key in expected} == expected
+
+
+def test_rule_and_its_parameters_are_sampled_and_recorded(reference_run, tmp_path):
+    outdir = str(tmp_path / "apg")
+    assert run_common("--seeds", "0-3", "--rule", "apg", "--rule-arg", "momentum=0.5", "--rule-arg",
+                      " norm_threshold = 15", outdir=outdir) == 0
+    net, files = TinyNet(seed=0).eval(), result_files(outdir)
+    for first in (0, 2):  # the CLI's batches of 2
+        with torch_threads(1):
+            x, _ = expected_samples(net, [first, first + 1], 2.0, guidance_rule=rules.APG(momentum=0.5,
+                                                                                           norm_threshold=15))
+        for row in range(2):
+            with np.load(files[first + row]) as data:
+                assert max_rel_err(data["x"], x[row].numpy()) < 1e-6
+    lerp = np.stack([np.load(path)["x"] for path in result_files(reference_run)[:4]])
+    assert max_rel_err(np.stack([np.load(path)["x"] for path in files]), lerp) > 1e-3  # the rule took effect
+    settings = json.load(open(os.path.join(outdir, "manifest.json")))["settings"]
+    assert settings["rule"] == dict(name="apg", eta=1.0, norm_threshold=15.0, momentum=0.5, space="eps")
+
+
+BAD_RULES = {
+    "unknown rule": (["--rule", "apgx"], "--rule: unknown rule 'apgx'; choose one of lerp, cfg_rescale, apg, "
+                                         "cfg_zero_star"),
+    "unknown parameter": (["--rule", "apg", "--rule-arg", "phi=0.5"],
+                          "--rule-arg phi=0.5: rule apg has no parameter 'phi' (it takes: eta, norm_threshold, "
+                          "momentum, space)"),
+    "not a number": (["--rule", "cfg_rescale", "--rule-arg", "phi=high"], "--rule-arg phi=high: expected a number"),
+    "not an integer": (["--rule", "cfg_zero_star", "--rule-arg", "zero_init_steps=1.5"],
+                       "--rule-arg zero_init_steps=1.5: expected an integer"),
+    "out of range": (["--rule", "apg", "--rule-arg", "momentum=2"], "--rule apg: momentum must lie in (-1, 1)"),
+    "unknown space": (["--rule", "apg", "--rule-arg", "space=flow"], "--rule apg: space must be one of"),
+    "given twice": (["--rule", "apg", "--rule-arg", "eta=0", "--rule-arg", "eta=1"], "'eta' is given more than once"),
+    "no value": (["--rule", "apg", "--rule-arg", "eta"], "--rule-arg: expected PARAM=VALUE, got 'eta'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RULES))
+def test_bad_rule_is_refused_before_loading(case, tmp_path, capsys):
+    options, message = BAD_RULES[case]
+    outdir = tmp_path / "out"
+    argv = ["sample", "--net", "nets_for_cli:broken_factory", "--guidance", "2", "--outdir", str(outdir)]
+    assert main(argv + options) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastguide sample: error: ") and message in err
+    assert not outdir.exists()
+
+
+def test_factory_with_conditioning_and_schedule(tmp_path):
+    """A factory dict: conditioning per seed (prompt k mod 5, keyword emb), CFG against its guide_labels,
+    its shape and its sigmas(--steps); the same as sampling each batch directly."""
+    from nets_for_cli import KeywordNet, prompt_conditioning, prompt_sigmas
+    outdir = str(tmp_path / "prompted")
+    assert main(["sample", "--net", "nets_for_cli:prompted", "--seeds", "0-6", "--batch", "3", "--steps", "5",
+                 "--guidance", "2.5", "--format", "npz", "--outdir", outdir]) == 0
+    net, files = KeywordNet(seed=0).eval(), result_files(outdir)
+    for first in range(0, 7, 3):
+        seeds = list(range(first, min(first + 3, 7)))
+        labels, guide_labels = prompt_conditioning(seeds, "cpu")
+        with torch.no_grad():
+            x = fastguide.sample(net, fastguide.seeded_noise(seeds, (3, 8, 8)), labels=labels,
+                                 guide_labels=guide_labels, guidance=2.5, sigmas=prompt_sigmas(5))
+        for row, seed in enumerate(seeds):
+            with np.load(files[seed]) as data:
+                assert int(data["class_label"]) == -1
+                assert np.array_equal(data["x"], x[row].numpy())
+    settings = json.load(open(os.path.join(outdir, "manifest.json")))["settings"]
+    assert settings["sigmas"] == prompt_sigmas(5).tolist()
+    assert (settings["sigma_min"], settings["sigma_max"], settings["rho"], settings["num_classes"]) == \
+        (None, None, None, 0)
+
+
+def test_factory_object_without_schedule_gets_edm_clamped(tmp_path):
+    """An object with denoiser and conditioning attributes; EDM's schedule, clamped to its net's sigma_max."""
+    from nets_for_cli import KeywordNet, prompt_conditioning
+    outdir = str(tmp_path / "object")
+    assert main(["sample", "--net", "nets_for_cli:PromptedModel", "--seeds", "3-4", "--steps", "4",
+                 "--format", "npz", "--outdir", outdir]) == 0
+    labels, _ = prompt_conditioning([3, 4], "cpu")
+    with torch.no_grad():
+        x = fastguide.sample(KeywordNet(seed=0).eval(), fastguide.seeded_noise([3, 4], (3, 8, 8)), labels=labels,
+                             num_steps=4, sigma_max=20.0)
+    for row, path in enumerate(result_files(outdir)):
+        with np.load(path) as data:
+            assert np.array_equal(data["x"], x[row].numpy())
+    assert json.load(open(os.path.join(outdir, "manifest.json")))["settings"]["sigma_max"] == 20.0
+
+
+def test_flow_model_from_a_factory_equals_direct_sampling(tmp_path):
+    """flow_for_cli:tiny_sd3 (SD3 transformer, FlowMatchEulerDiscreteScheduler(shift=3.0), its prompts and
+    flow_sigmas): the CLI's files are fastguide.sample(FlowMatchDenoiser(...), sigmas=flow_sigmas(...))
+    of each seed's noise and conditioning, bit for bit batch by batch, and to float rounding in one batch."""
+    pytest.importorskip("diffusers")
+    import flow_for_cli
+    from fastguide.adapters import FlowMatchDenoiser, flow_sigmas
+    outdir = str(tmp_path / "flow")
+    with torch_threads(1):
+        assert main(["sample", "--net", "flow_for_cli:tiny_sd3", "--seeds", "0-4", "--batch", "2", "--steps", "4",
+                     "--solver", "euler", "--guidance", "4", "--format", "npz", "--outdir", outdir]) == 0
+    model, scheduler = flow_for_cli.model_and_scheduler()
+    denoiser, files = FlowMatchDenoiser(model, scheduler), result_files(outdir)
+
+    def direct(seeds):
+        labels, guide_labels = flow_for_cli.conditioning(seeds, "cpu")
+        with torch_threads(1), torch.no_grad():
+            return fastguide.sample(denoiser, fastguide.seeded_noise(seeds, (4, 8, 8)), labels=labels,
+                                    guide_labels=guide_labels, guidance=4.0, sigmas=flow_sigmas(scheduler, 4),
+                                    solver="euler")
+    for seeds in ([0, 1], [2, 3], [4]):
+        x = direct(seeds)
+        for row, seed in enumerate(seeds):
+            with np.load(files[seed]) as data:
+                assert data["x"].shape == (4, 8, 8) and np.array_equal(data["x"], x[row].numpy())
+    together = direct(list(range(5))).numpy()
+    written = np.stack([np.load(path)["x"] for path in files])
+    assert max_rel_err(written, together) < 1e-5
+    assert max_rel_err(written[3], written[0]) > 1e-2  # seeds 0 and 3 share a prompt, not their noise
+    settings = json.load(open(os.path.join(outdir, "manifest.json")))["settings"]
+    assert settings["sigmas"] == flow_sigmas(scheduler, 4).tolist() and settings["sigmas"][0] == 1.0
+
+
+def test_conditioning_failing_while_sampling_names_its_seeds(tmp_path, capsys):
+    outdir = str(tmp_path / "failing")
+    assert main(["sample", "--net", "nets_for_cli:failing_later_conditioning", "--seeds", "0-5", "--batch", "2",
+                 "--steps", "2", "--format", "npz", "--outdir", outdir]) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith("fastguide sample: error: seeds 4-5 were not written: --net: "
+                           "nets_for_cli:failing_later_conditioning's conditioning(4-5) raised KeyError")
+    assert [os.path.basename(p) for p in result_files(outdir)] == [f"{s:06d}.npz" for s in range(4)]
+
+
 # ---------------------------------------------------------------- reruns: manifest, unreadable files
 
 def copy_of(reference_run, tmp_path, name="copy"):
@@ -355,6 +557,11 @@ def run_common(*options, outdir):
     (["--shape", "3,4,4"], "--shape [3, 8, 8] there, [3, 4, 4] here"),
     (["--class", "1"], "--class None there, 1 here"),
     (["--sigma-max", "40"], "--sigma-max 80.0 there, 40.0 here"),
+    (["--churn", "5"], "--churn 0.0 there, 5.0 here"),
+    (["--churn", "5", "--s-max", "10"], "--s-max None there, 10.0 here"),
+    (["--solver", "euler_ancestral", "--eta", "0.5"], "--eta 1.0 there, 0.5 here"),
+    (["--rule", "cfg_rescale", "--rule-arg", "phi=0.5"],
+     "--rule {'name': 'lerp'} there, {'name': 'cfg_rescale', 'phi': 0.5, 'space': 'eps'} here"),
 ])
 def test_rerun_with_other_settings_is_refused_unless_forced(reference_run, tmp_path, capsys, options, differing):
     outdir = copy_of(reference_run, tmp_path)
@@ -383,6 +590,35 @@ def test_batch_strategy_and_backend_are_not_settings(reference_run, tmp_path):
     with np.load(os.path.join(outdir, "000000", "000005.npz")) as new, \
             np.load(os.path.join(reference_run, "000000", "000005.npz")) as old:
         assert max_rel_err(new["x"], old["x"]) < 1e-5
+
+
+def test_manifest_from_before_a_setting_existed_means_its_default(reference_run, tmp_path, capsys):
+    """A manifest written before --churn, --rule, ... existed (without their keys) holds samples made with
+    their defaults: a rerun with the defaults resumes, one with another value is refused."""
+    outdir = copy_of(reference_run, tmp_path)
+    path = os.path.join(outdir, "manifest.json")
+    manifest = json.load(open(path))
+    for key in ("rule", "eta", "churn", "s_min", "s_max", "s_noise", "sigmas"):
+        del manifest["settings"][key]
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    os.remove(os.path.join(outdir, "000000", "000004.npz"))
+    assert run_common(outdir=outdir) == 0
+    assert read_bytes(result_files(outdir)) == read_bytes(result_files(reference_run))
+    assert run_common("--churn", "1", outdir=outdir) == 2
+    assert "--churn 0.0 there, 1.0 here" in capsys.readouterr().err
+
+
+def test_edm_defaults_come_from_the_plan(tmp_path, monkeypatch):
+    """The CLI's defaults for --steps, --sigma-min, --sigma-max and --rho are fastguide.plan.EDM_DEFAULTS."""
+    for key, value in dict(num_steps=3, sigma_min=0.01, sigma_max=40.0, rho=5.0).items():
+        monkeypatch.setitem(fastguide.plan.EDM_DEFAULTS, key, value)
+    outdir = str(tmp_path / "defaults")
+    assert main(["sample", "--net", "nets_for_cli:tiny_net", "--seeds", "0-1", "--format", "npz",
+                 "--outdir", outdir]) == 0
+    settings = json.load(open(os.path.join(outdir, "manifest.json")))["settings"]
+    assert [settings[key] for key in ("steps", "sigma_min", "sigma_max", "rho")] == [3, 0.01, 40.0, 5.0]
+    assert records(outdir)[0]["counts"]["evaluations_per_sample"]["net"] == 5  # Heun: 2·3 − 1
 
 
 @pytest.mark.parametrize("text", ['{"manifest": 1, "sett', '{"manifest": 1}', '{"settings": [4]}', '[]'])
