@@ -1,14 +1,23 @@
 """Per-seed noise: sample k depends only on seed k, whatever batch or process draws it."""
+import numbers
+
 import torch
+
+
+SEED_LIMIT = 2 ** 32  # torch's CPU generator keeps the low 32 bits of a seed: 5 and 5 + 2**32 draw alike
 
 
 def _seed_list(seeds):
     if isinstance(seeds, torch.Tensor):
         seeds = seeds.tolist()
-    seeds = [int(s) for s in seeds]
+    seeds = list(seeds)
     if not seeds:
         raise ValueError("seeds must name at least one seed")
-    return seeds
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seeds must be integers in [0, 2**32) (a generator keeps 32 bits of a seed), "
+                             f"got {seed!r}")
+    return [int(s) for s in seeds]
 
 
 class SeededRandn:

@@ -122,10 +122,10 @@ def dpmpp_2m_coefficients(sigma_prev, sigma, sigma_next, signal_scale=None):
     h = lam_next - lam
     x_coef = sigma_next / sigma
     d_scale = alpha(sigma_next) * -math.expm1(-h)   # α_next·(1 − e^−h), accurate for small h
-    if sigma_prev is None or math.isinf(h):
+    if sigma_prev is None or math.isinf(h) or h == 0:
         return x_coef, d_scale, 0.0
     lam_prev = _log_snr(alpha(sigma_prev), sigma_prev)
-    if math.isinf(lam_prev):                          # h_last infinite: r = ∞, first order
+    if math.isinf(lam_prev) or lam_prev == lam:       # r = ∞ or r = 0: first order
         return x_coef, d_scale, 0.0
     r = (lam - lam_prev) / h
     return x_coef, d_scale * (1 + 1 / (2 * r)), -d_scale / (2 * r)

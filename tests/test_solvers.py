@@ -297,3 +297,21 @@ def test_a_flow_model_refuses_noise_injection_that_assumes_x0_plus_sigma_eps():
         fastguide.sample(net, torch.randn(2, 3), sigmas=sigmas, solver="euler_ancestral")
     with pytest.raises(ValueError, match="S_churn"):
         fastguide.sample(net, torch.randn(2, 3), sigmas=sigmas, solver="heun", S_churn=1.0)
+
+
+def test_dpmpp_2m_coefficients_stay_finite_where_a_log_step_is_zero():
+    """Adjacent noise levels whose logs are equal (h = 0, or h_last = 0) give a first-order step."""
+    sigma = 1e10
+    sigma_next = math.nextafter(sigma, 0.0)
+    assert math.log(sigma) == math.log(sigma_next)  # distinct levels, equal logs
+    for prev, cur, nxt in ((2e10, sigma, sigma_next), (sigma, sigma_next, 0.5)):
+        coefs = fastguide.reference.dpmpp_2m_coefficients(prev, cur, nxt)
+        assert all(math.isfinite(c) for c in coefs), (prev, cur, nxt, coefs)
+
+
+def test_seeds_outside_32_bits_are_refused():
+    """torch's generator keeps 32 bits of a seed: 5 and 5 + 2**32 would draw the same noise."""
+    for bad in (2 ** 32, -1, 5 + 2 ** 32, 1.5, True):
+        with pytest.raises(ValueError, match="seeds"):
+            fastguide.seeded_noise([0, bad], (2,))
+    assert fastguide.seeded_noise([2 ** 32 - 1], (2,)).shape == (1, 2)
