@@ -18,8 +18,7 @@ import math
 from fastguide import reference
 
 SOLVERS = ("euler", "heun", "dpmpp_2m", "euler_ancestral")
-# EDM's defaults (Karras et al. 2022; EDM2's edm_sampler), in one place.
-EDM_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+EDM_DEFAULTS = reference.EDM_DEFAULTS
 MAX_STEPS = 100_000
 
 

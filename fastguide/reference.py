@@ -13,7 +13,12 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def edm_sigmas(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+# EDM's defaults (Karras et al. 2022; EDM2's edm_sampler), in one place.
+EDM_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+
+
+def edm_sigmas(num_steps, sigma_min=EDM_DEFAULTS["sigma_min"], sigma_max=EDM_DEFAULTS["sigma_max"],
+               rho=EDM_DEFAULTS["rho"]):
     """EDM's schedule: num_steps noise levels from sigma_max down to sigma_min, then 0 (float64, CPU)."""
     i = torch.arange(num_steps, dtype=torch.float64)
     ramp = i / max(num_steps - 1, 1)

@@ -18,7 +18,7 @@ import torch
 
 from fastguide import dispatch, reference
 from fastguide.guidance import check_guidance, check_interval
-from fastguide.sampler import schedule
+from fastguide.sampler import EDM, schedule
 from fastguide.toy import extension
 from fastguide.toy.model import ToyModel
 
@@ -33,8 +33,9 @@ COLUMN_BLOCK = 16          # the C++ kernel's register block: hidden must be a m
 TRITON_MIN_HIDDEN = 16     # tl.dot needs >= 16 along every dimension
 
 
-def sample_toy(main, guide, noise, *, guidance=1.0, guidance_interval=None, num_steps=32, sigma_min=0.002,
-               sigma_max=80.0, rho=7.0, sigmas=None, solver="heun", backend="auto"):
+def sample_toy(main, guide, noise, *, guidance=1.0, guidance_interval=None, num_steps=EDM["num_steps"],
+               sigma_min=EDM["sigma_min"], sigma_max=EDM["sigma_max"], rho=EDM["rho"], sigmas=None, solver="heun",
+               backend="auto"):
     """Samples [N, 2] float32 points from noise [N, 2] (any floating dtype, cast to float32) with
     the guided EDM sampler on toy models (no churn); the run starts at noise·sigma_max.
 
