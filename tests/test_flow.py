@@ -276,6 +276,47 @@ def test_autoguidance_with_smaller_transformer_equals_loop(one_thread):
         assert relative_error(actual, latents) < 1e-5
 
 
+RULE_GUIDERS = {  # fastguide rule (space "eps": the velocity here) -> diffusers guider, both at w = 3
+    "cfg_rescale": (lambda rules: rules.CFGRescale(phi=0.7),
+                    lambda g: g.ClassifierFreeGuidance(guidance_scale=3.0, guidance_rescale=0.7)),
+    "apg": (lambda rules: rules.APG(eta=0.5, norm_threshold=5.0, momentum=0.3),
+            lambda g: g.AdaptiveProjectedGuidance(guidance_scale=3.0, adaptive_projected_guidance_momentum=0.3,
+                                                  adaptive_projected_guidance_rescale=5.0, eta=0.5)),
+    "cfg_zero_star": (lambda rules: rules.CFGZeroStar(zero_init_steps=1),
+                      lambda g: g.ClassifierFreeZeroStarGuidance(guidance_scale=3.0, zero_init_steps=1)),
+}
+
+
+@pytest.mark.parametrize("rule", list(RULE_GUIDERS))
+def test_autoguidance_with_every_rule_equals_diffusers_guiders_on_the_velocities(rule, one_thread):
+    """Issue 11: autoguidance of a flow transformer by a smaller one, combined with each guidance rule,
+    equals the loop that calls diffusers' guider on (v_main, v_guide) and steps with the scheduler."""
+    rules = pytest.importorskip("fastguide.rules")
+    import diffusers.guiders as guiders
+    make_rule, make_guider = RULE_GUIDERS[rule]
+    main, small = tiny_sd3(num_layers=2, seed=21), tiny_sd3(num_layers=1, seed=22)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    num_steps = 5
+    scheduler.set_timesteps(num_steps)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(23))
+    cond = prompt(2, seed=24)
+    guider = make_guider(guiders)
+    latents = noise
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            v_main, v_guide = (model(hidden_states=latents, timestep=t.expand(2), return_dict=False, **cond)[0]
+                               for model in (main, small))
+            guider.set_state(step=i, num_inference_steps=num_steps, timestep=t)
+            guider.prepare_inputs({})  # where a guider starts its per-run state (APG's momentum) at step 0
+            v = guider.forward(pred_cond=v_main, pred_uncond=v_guide).pred
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+        actual = fastguide.sample(FlowMatchDenoiser(main, scheduler), noise, labels=cond,
+                                  guide=FlowMatchDenoiser(small, scheduler), guidance=3.0,
+                                  guidance_rule=make_rule(rules), sigmas=flow_sigmas(scheduler, num_steps),
+                                  solver="euler")
+    assert relative_error(actual, latents) < 1e-5
+
+
 def smooth_in_time(model):
     """Zeroes the timestep features of period < ~1 in t (t·1000 through sinusoids of frequency 1 .. 1e-4).
 
