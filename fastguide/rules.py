@@ -137,6 +137,13 @@ def _per_sample(w, t):
     return w
 
 
+def _cond_where_weight_is_one(w, cond, out):
+    """A sample whose weight is 1 gets the conditional prediction exactly, as a diffusers guider at scale 1."""
+    if isinstance(w, torch.Tensor):
+        return torch.where(w == 1, cond, out)
+    return cond if w == 1 else out
+
+
 class Rule:
     """A guidance rule.  Subclasses define reference (the plain formula), streams and combine."""
     name = ""
@@ -221,11 +228,7 @@ class CFGRescale(Rule):
             return (centred.square().sum(dim=dims, keepdim=True) / (n - 1)).sqrt()
         scale = self.phi * (std(cond) / std(pred)) + (1 - self.phi)
         out = scale * pred
-        if isinstance(w, torch.Tensor):
-            out = torch.where(w == 1, cond, out)
-        elif w == 1:
-            out = cond
-        return out, momentum
+        return _cond_where_weight_is_one(w, cond, out), momentum
 
     def streams(self, a_x, a_d, w):
         return torch.stack([_conv_stream(a_x, a_d, w), _conv_stream(a_x, a_d, w, delta=(w - 1) * a_d)], dim=1)
@@ -322,11 +325,7 @@ class CFGZeroStar(Rule):
         alpha = (c * u).sum(dim=dims, keepdim=True) / (u.square().sum(dim=dims, keepdim=True) + ZERO_STAR_EPS)
         scaled = uncond * alpha.to(cond.dtype)
         out = scaled + w * (cond - scaled)
-        if isinstance(w, torch.Tensor):
-            out = torch.where(w == 1, cond, out)
-        elif w == 1:
-            out = cond
-        return out, momentum
+        return _cond_where_weight_is_one(w, cond, out), momentum
 
     def streams(self, a_x, a_d, w):
         return torch.stack([_conv_stream(a_x, a_d, w), _conv_stream(a_x, a_d, w, delta=-a_d)], dim=1)
