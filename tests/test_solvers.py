@@ -335,3 +335,25 @@ def test_same_bits_twice_and_in_a_batch_of_one(solver, rule):
     everything = run(list(range(7)))
     assert torch.equal(everything, run(list(range(7))))
     assert torch.equal(everything[3:4], run([3]))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("kind, strategy", [("autoguidance", "stacked"), ("autoguidance", "tune"),
+                                            ("cfg", "cfg-batch"), ("cfg", "separate"), ("cfg", "tune")])
+def test_every_strategy_runs_every_solver(solver, kind, strategy):
+    """Each evaluation strategy gives the two-calls result (to rounding) with every solver, interval included."""
+    from tests.test_batching import NUM_CLASSES, MLPDenoiser
+    net = MLPDenoiser(seed=1).eval()
+    labels = torch.arange(3) % NUM_CLASSES
+    options = dict(guide=MLPDenoiser(seed=2).eval()) if kind == "autoguidance" else \
+        dict(guide_labels=torch.full((3,), NUM_CLASSES - 1))
+    noise = torch.randn(3, 6, generator=torch.Generator().manual_seed(8))
+
+    def run(strategy):
+        torch.manual_seed(3)  # ancestral noise
+        return fastguide.sample(net, noise, labels=labels, guidance=2.0, guidance_interval=(0.3, 20.0), num_steps=6,
+                                solver=solver, strategy=strategy, return_stats=True, **options)
+    expected, expected_stats = run("separate")
+    actual, stats = run(strategy)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert (stats["net"], stats["guide"]) == (expected_stats["net"], expected_stats["guide"])
