@@ -11,10 +11,9 @@ as k-diffusion's callbacks may keep them.
 
 import torch
 
-from fastguide import core, dispatch, ops, plan, rules
-from fastguide.evaluator import Evaluator
+from fastguide import dispatch, ops
 from fastguide.guidance import GuidedDenoiser, check_x
-from fastguide.sampler import check_callable, check_sigmas
+from fastguide.sampler import check_callable, check_sigmas, run_plan_on_core
 
 LABEL_KEYS = ("labels", "class_labels", "cond")
 
@@ -42,7 +41,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                            noise_sampler=None):
     """Ancestral Euler steps over sigmas, as k-diffusion's: noise from noise_sampler(sigma, sigma_next)
     (default: torch.randn_like) where sigma_next > 0, scaled by s_noise·σ_up."""
-    options = dict(eta=ops.check_real("eta", eta, minimum=0.0, strict=False), S_noise=ops.check_real("s_noise", s_noise))
+    options = dict(eta=eta, S_noise=ops.check_real("s_noise", s_noise))
     check_callable("noise_sampler", noise_sampler)
     randn = None if noise_sampler is None else lambda x_, step: noise_sampler(step.sigma, step.sigma_next)
     return _sample(model, x, sigmas, extra_args, callback, disable, "euler_ancestral", options, randn)
@@ -63,36 +62,36 @@ def _sample(model, x, sigmas, extra_args, callback, disable, solver, options, ra
     if extra_args is not None and not isinstance(extra_args, dict):
         raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
     check_callable("callback", callback)
-    evaluator, labels, guidance, guided_at = _evaluation(model, x, extra_args or {})
-    rule = model.rule if isinstance(model, GuidedDenoiser) else None
-    rule_ops = None
-    if rule is not None and rules.uses_rule_path(rule, guidance):
-        rule_ops = rules.rule_ops("auto", x.device)
-    run_plan = plan.build(t_steps, solver, guided_at, guide_from_step=rule.zero_init_steps if rule else 0, **options)
-    backend = dispatch.implementation(dispatch.resolve("auto", x.device))
+    denoiser, labels = _guided_denoiser(model, x, extra_args or {})
+    backend = dispatch.resolve("auto", x.device)
     x_start = x.clone(memory_format=torch.contiguous_format)
     randn = randn or (lambda x_, step: torch.randn_like(x_))
     from tqdm.auto import tqdm
-    with tqdm(total=run_plan.num_steps, disable=disable) as bar:
+    with tqdm(total=len(t_steps) - 1, disable=disable) as bar:
         def on_step(info):
             if callback is not None:
                 callback({'x': info["x_hat"].clone(), 'i': info["i"], 'sigma': sigmas[info["i"]],
                           'sigma_hat': sigmas.new_tensor(info["sigma_hat"]), 'denoised': info["denoised"].clone()})
             bar.update(1)
-        return core.run(run_plan, evaluator, x_start, labels, guidance, backend, randn=randn, callback=on_step,
-                        rule=rule, rule_ops=rule_ops)
+        return run_plan_on_core(denoiser, x_start, labels, t_steps, solver, backend, randn=randn, callback=on_step,
+                                **options)[0]
 
 
-def _evaluation(model, x, extra_args):
-    """(evaluator, labels, guidance, guided_at) for a GuidedDenoiser or a plain k-diffusion model."""
+def _guided_denoiser(model, x, extra_args):
+    """(GuidedDenoiser, labels): the model itself with its labels from extra_args, or a plain
+    k-diffusion model (called as model(x, sigma, **extra_args)) as an unguided one."""
     if isinstance(model, GuidedDenoiser):
         labels = _guided_labels(extra_args)
         model.check_labels(labels, x.shape[0])
-        return model.evaluator, labels, model.guidance, model.guided_at
+        return model, labels
 
     def plain(x_in, sigma, labels):
         return model(x_in, sigma, **extra_args)
-    return Evaluator(plain, net_name="model"), None, 1.0, lambda sigma: False
+    denoiser = GuidedDenoiser(plain)
+    denoiser.evaluator.net_name = "model"
+    if hasattr(model, "signal_scale"):
+        plain.signal_scale = model.signal_scale
+    return denoiser, None
 
 
 def _guided_labels(extra_args):

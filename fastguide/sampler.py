@@ -130,8 +130,6 @@ def run_sampler(denoiser, noise, *, labels=None, num_steps=EDM["num_steps"], sig
     check_noise(noise, dtype)
     denoiser.check_labels(labels, noise.shape[0])
     S_churn = ops.check_real("S_churn", S_churn, minimum=0.0, strict=False)
-    signal_scale = signal_scale_of(denoiser.net)
-    eta = check_solver(solver, S_churn, eta, signal_scale)
     t_steps = schedule(num_steps, sigma_min, sigma_max, rho, sigmas)
     S_noise = ops.check_real("S_noise", S_noise)
     S_min = ops.check_real("S_min", S_min, finite=False)
@@ -141,20 +139,32 @@ def run_sampler(denoiser, noise, *, labels=None, num_steps=EDM["num_steps"], sig
     check_callable("randn_like", randn_like, optional=False)
     backend = dispatch.resolve(backend, noise.device)
 
-    rule_ops = None
-    if rules.uses_rule_path(denoiser.rule, denoiser.guidance):
-        rule_ops = rules.rule_ops(backend, noise.device)
-
-    run_plan = plan.build(t_steps, solver, denoiser.guided_at, S_churn=S_churn, S_min=S_min, S_max=S_max,
-                          S_noise=S_noise, eta=eta, guide_from_step=denoiser.guide_from_step,
-                          signal_scale=signal_scale)
-    with torch.no_grad():  # a denoiser that needs autograd (e.g. an energy model) enables it itself
-        x = core.run(run_plan, denoiser.evaluator, noise.to(dtype) * t_steps[0], labels, denoiser.guidance,
-                     dispatch.implementation(backend), randn=lambda x, step: randn_like(x), callback=callback,
-                     progress=progress, check_finite=denoiser.check_finite, rule=denoiser.rule, rule_ops=rule_ops)
+    x, run_plan = run_plan_on_core(denoiser, noise.to(dtype) * t_steps[0], labels, t_steps, solver, backend,
+                                   randn=lambda x, step: randn_like(x), callback=callback, progress=progress,
+                                   S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta)
     if return_stats:
         return x, dict(denoiser.stats, steps=run_plan.num_steps, solver=solver, backend=backend)
     return x
+
+
+def run_plan_on_core(denoiser, x_start, labels, t_steps, solver, backend, *, randn, callback=None, progress=False,
+                     **plan_options):
+    """Plans a validated request and runs it on the core: the one path of sample, edm_sampler and the
+    k-diffusion faces.  x_start (owned by the run) is the noised start; backend a resolved name.
+    Returns (x, plan)."""
+    signal_scale = signal_scale_of(denoiser.net)
+    plan_options["eta"] = check_solver(solver, plan_options.get("S_churn", 0.0), plan_options.get("eta", 1.0),
+                                       signal_scale)
+    rule_ops = None
+    if rules.uses_rule_path(denoiser.rule, denoiser.guidance):
+        rule_ops = rules.rule_ops(backend, x_start.device)
+    run_plan = plan.build(t_steps, solver, denoiser.guided_at, guide_from_step=denoiser.guide_from_step,
+                          signal_scale=signal_scale, **plan_options)
+    with torch.no_grad():  # a denoiser that needs autograd (e.g. an energy model) enables it itself
+        x = core.run(run_plan, denoiser.evaluator, x_start, labels, denoiser.guidance, dispatch.implementation(backend),
+                     randn=randn, callback=callback, progress=progress, check_finite=denoiser.check_finite,
+                     rule=denoiser.rule, rule_ops=rule_ops)
+    return x, run_plan
 
 
 def edm_sampler(net, noise, labels=None, gnet=None, num_steps=EDM["num_steps"], sigma_min=EDM["sigma_min"],

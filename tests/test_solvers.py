@@ -357,3 +357,17 @@ def test_every_strategy_runs_every_solver(solver, kind, strategy):
     actual, stats = run(strategy)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     assert (stats["net"], stats["guide"]) == (expected_stats["net"], expected_stats["guide"])
+
+
+def test_k_diffusion_faces_honour_a_flow_models_signal_scale():
+    """The k-diffusion-signature samplers run the same core: a plain model that declares signal_scale gets
+    the flow DPM-Solver++(2M) (equal to fastguide.sample) and is refused noise injection."""
+    net = FlowGaussian()
+    sigmas = torch.linspace(1.0, 0.0, 9, dtype=torch.float64)
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = fastguide.sample(net, noise, sigmas=sigmas, solver="dpmpp_2m", dtype=torch.float64)
+    assert torch.equal(sample_dpmpp_2m(net, noise, sigmas, disable=True), expected)
+    edm_form = sample_dpmpp_2m(FlowGaussian(declare=False), noise, sigmas, disable=True)
+    assert (edm_form - expected).abs().max() > 1e-3  # the parametrization mattered
+    with pytest.raises(ValueError, match="signal_scale"):
+        sample_euler_ancestral(net, noise, sigmas, disable=True)
