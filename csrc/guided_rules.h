@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <utility>
 
 namespace fastguide {
 
@@ -51,6 +52,28 @@ inline void check_rule_output(const char* op, const char* name, const std::optio
                               const at::Tensor& ref) {
   check_rule_tensor(op, name, t, ref);
   if (t) TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Every argument of rule_apply, on the CPU or the CUDA kernel's device type.
+inline void check_rule_apply(const char* op, c10::DeviceType device_type, const at::Tensor& x, const at::Tensor& d1,
+                             const std::optional<at::Tensor>& d0, const std::optional<at::Tensor>& m,
+                             const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& noise,
+                             const at::Tensor& coefs, const at::Tensor& out, const std::optional<at::Tensor>& out2,
+                             const std::optional<at::Tensor>& m_out, const std::optional<at::Tensor>& flags) {
+  TORCH_CHECK(x.device().type() == device_type, op, ": this kernel needs ", device_type, " tensors, got ",
+              x.device());
+  check_rule_coefs(op, coefs, x, 3, 6);
+  for (auto [name, t] : {std::pair{"d1", std::optional<at::Tensor>(d1)}, std::pair{"d0", d0}, std::pair{"m", m},
+                         std::pair{"e", e}, std::pair{"noise", noise}}) {
+    check_rule_tensor(op, name, t, x);
+  }
+  check_rule_output(op, "out", out, x);
+  check_rule_output(op, "out2", out2, x);
+  check_rule_output(op, "m_out", m_out, x);
+  if (flags) {
+    TORCH_CHECK(flags->scalar_type() == at::kInt && flags->numel() == 1 && flags->device() == x.device(), op,
+                ": flags must be an int32 tensor of one element on ", x.device());
+  }
 }
 
 inline std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {

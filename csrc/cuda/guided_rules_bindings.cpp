@@ -68,19 +68,7 @@ void rule_apply_cuda(const at::Tensor& x, const at::Tensor& d1, const std::optio
                      const std::optional<at::Tensor>& out2, const std::optional<at::Tensor>& m_out,
                      const std::optional<at::Tensor>& flags) {
   const char* op = "fastguide::rule_apply";
-  TORCH_CHECK(x.is_cuda(), op, ": this kernel needs CUDA tensors, got ", x.device());
-  fastguide::check_rule_coefs(op, coefs, x, 3, 6);
-  for (auto [name, t] : {std::pair{"d1", std::optional<at::Tensor>(d1)}, std::pair{"d0", d0}, std::pair{"m", m},
-                         std::pair{"e", e}, std::pair{"noise", noise}}) {
-    fastguide::check_rule_tensor(op, name, t, x);
-  }
-  fastguide::check_rule_output(op, "out", out, x);
-  fastguide::check_rule_output(op, "out2", out2, x);
-  fastguide::check_rule_output(op, "m_out", m_out, x);
-  if (flags) {
-    TORCH_CHECK(flags->scalar_type() == at::kInt && flags->numel() == 1 && flags->device() == x.device(), op,
-                ": flags must be an int32 tensor of one element on ", x.device());
-  }
+  fastguide::check_rule_apply(op, c10::DeviceType::CUDA, x, d1, d0, m, e, noise, coefs, out, out2, m_out, flags);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t batch = x.size(0);
   const int64_t n = x.numel() / batch;
