@@ -53,6 +53,5 @@ def rule_apply(x, d1, d0, m, e, noise, coefs, *, out, out2=None, m_out=None, fla
                if target is not None]
     for target, value in results:
         target.copy_(value.reshape(target.shape))
-    if flags is not None:
-        flags.bitwise_or_(reference.nonfinite_bits(d1, d0, out).reshape(flags.shape))
+    reference.or_nonfinite_flags(flags, d1, d0, out)
     return out

@@ -98,7 +98,3 @@ def _step_evaluations(solver, i, sigmas, t_hat, churn_std, guided_at, S_noise, e
         return [euler]
     return [euler, Evaluation(i, "heun", t_next, guided_at(t_next), t_hat, t_next)]
 
-
-def count_evaluations(plan):
-    """(evaluations of net, evaluations of the guide) per sample of a run of this plan."""
-    return len(plan.evaluations), sum(e.guided for e in plan.evaluations)

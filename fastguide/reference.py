@@ -65,7 +65,8 @@ def nonfinite_bits(d_main, d_guide, written):
     return bits | ((~torch.isfinite(written)).any().to(torch.int32) << 2)
 
 
-def _flag(flags, d_main, d_guide, written):
+def or_nonfinite_flags(flags, d_main, d_guide, written):
+    """ORs nonfinite_bits into the int32 flags tensor (on the device), when there is one."""
     if flags is not None:
         flags.bitwise_or_(nonfinite_bits(d_main, d_guide, written).reshape(flags.shape))
 
@@ -81,7 +82,7 @@ def guided_euler(x, d_main, d_guide, guidance, t_cur, t_next, *, out=None, deriv
     if noise is not None:
         x_next = x_next + noise_scale * noise.to(cdt)
     x_next = _write(x_next.to(x.dtype), out)
-    _flag(flags, d_main, d_guide, x_next)
+    or_nonfinite_flags(flags, d_main, d_guide, x_next)
     return x_next, _write(deriv.to(x.dtype), deriv_out)
 
 
@@ -93,7 +94,7 @@ def guided_heun(x, deriv, d_main, d_guide, guidance, t_cur, t_next, *, out=None,
     denoised = guide(d_main.to(cdt), None if d_guide is None else d_guide.to(cdt), guidance)
     deriv_next = (x_euler - denoised) / t_next
     x_next = _write((x_c + (t_next - t_cur) * (0.5 * deriv_c + 0.5 * deriv_next)).to(x.dtype), out)
-    _flag(flags, d_main, d_guide, x_next)
+    or_nonfinite_flags(flags, d_main, d_guide, x_next)
     return x_next
 
 
@@ -108,7 +109,7 @@ def guided_dpmpp_2m(x, d_main, d_guide, denoised_prev, guidance, x_coef, d_coef,
     if prev_coef != 0:
         x_next = x_next + prev_coef * denoised_prev.to(cdt)
     x_next = _write(x_next.to(x.dtype), out)
-    _flag(flags, d_main, d_guide, x_next)
+    or_nonfinite_flags(flags, d_main, d_guide, x_next)
     return x_next, _write(denoised.to(x.dtype), denoised_out)
 
 
